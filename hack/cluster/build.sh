@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Build the binaries of the local test control plane from Go modules.
+#
+#   hack/cluster/build.sh [COMPONENT...]   build what is missing (default: all)
+#   hack/cluster/build.sh --dir COMPONENT  print the cache directory of COMPONENT
+#
+# Components: kube (kube-apiserver, kube-controller-manager, kube-scheduler,
+# kubectl), etcd, kwok (kwok + its CRDs), helm, promtool.
+#
+# Versions come from hack/cluster/versions.env only. Each component is built
+# once into $COPD_CLUSTER_CACHE/bin/<component>-<version>/ (default
+# ~/.cache/copd-operator) and reused while that directory exists, so a version
+# bump rebuilds exactly the bumped component. Wrapper modules are generated
+# under $COPD_CLUSTER_CACHE/src/: k8s.io/kubernetes and etcd cannot be
+# `go install`ed directly because their go.mod files replace modules with
+# local directories; the wrappers replace each k8s.io staging module with its
+# published v0.MINOR.PATCH and pin the etcd server module instead.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
+source "$HERE/versions.env"
+
+CACHE="${COPD_CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/copd-operator}"
+ALL=(etcd kube kwok helm promtool)
+
+version_of() {
+  case "$1" in
+    kube) echo "$KUBE_VERSION" ;;
+    etcd) echo "$ETCD_VERSION" ;;
+    kwok) echo "$KWOK_VERSION" ;;
+    helm) echo "$HELM_VERSION" ;;
+    promtool) echo "$PROMETHEUS_VERSION" ;;
+    *) echo "unknown component: $1" >&2; return 1 ;;
+  esac
+}
+bindir() { echo "$CACHE/bin/$1-$(version_of "$1")"; }
+
+if [[ "${1:-}" == "--dir" ]]; then bindir "$2"; exit 0; fi
+
+# Fit a 2-core machine: at most 2 compile jobs, 2 OS threads per compiler.
+export GOMAXPROCS="${GOMAXPROCS:-2}"
+export GOFLAGS="-trimpath -buildvcs=false -p=${COPD_BUILD_JOBS:-2}"
+export CGO_ENABLED=0
+export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+LDBASE="-s -w"
+BUILD_DATE="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+
+log() { echo "[build $(date +%H:%M:%S)] $*" >&2; }
+
+# new_module DIR MODULE: an empty wrapper module in DIR
+new_module() {
+  rm -rf "$1"; mkdir -p "$1"
+  printf 'module %s\n\ngo 1.26.0\n' "$2" > "$1/go.mod"
+}
+moddir() { (cd "$1" && go list -m -f '{{.Dir}}' "$2"); }
+
+build_kube() {
+  local v="$KUBE_VERSION" src="$1" out="$2" minor
+  minor="${v#v1.}"                       # 37.2
+  local staging="v0.${minor}"            # v0.37.2
+  new_module "$src" copd.local/cluster/kube
+  # Turn k8s.io/kubernetes' local staging replaces into published versions.
+  local gomod
+  gomod="$(go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+  {
+    echo 'replace ('
+    awk '/=> \.\/staging\/src\//{print "\t" $1 " => " $1 " '"$staging"'"}' "$gomod" \
+      | grep -v -e k8s.io/sample-cli-plugin -e k8s.io/sample-controller
+    echo ')'
+  } >> "$src/go.mod"
+  local pkgs=(cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubectl)
+  (cd "$src" && go get -tool "${pkgs[@]/#/k8s.io/kubernetes/}" "k8s.io/kubernetes@$v" >/dev/null)
+  local major="${v#v}"; major="${major%%.*}"
+  local mnr="${minor%%.*}"
+  local ld="$LDBASE -X k8s.io/component-base/version.gitVersion=$v \
+ -X k8s.io/component-base/version.gitMajor=$major -X k8s.io/component-base/version.gitMinor=$mnr \
+ -X k8s.io/component-base/version.gitTreeState=clean -X k8s.io/component-base/version.buildDate=$BUILD_DATE \
+ -X k8s.io/component-base/version.gitCommit=module-$v \
+ -X k8s.io/client-go/pkg/version.gitVersion=$v -X k8s.io/client-go/pkg/version.gitMajor=$major \
+ -X k8s.io/client-go/pkg/version.gitMinor=$mnr -X k8s.io/client-go/pkg/version.gitTreeState=clean"
+  local p
+  for p in "${pkgs[@]}"; do
+    local t0=$SECONDS
+    (cd "$src" && go build -ldflags "$ld" -o "$out/" "k8s.io/kubernetes/$p")
+    log "  $(basename "$p") built in $((SECONDS - t0))s"
+    echo "kube/$(basename "$p") $((SECONDS - t0))s" >> "$CACHE/build-times.log"
+  done
+}
+
+build_etcd() {
+  local v="$ETCD_VERSION" src="$1" out="$2"
+  new_module "$src" copd.local/cluster/etcd
+  cp "$HERE/etcd/main.go" "$src/main.go"
+  (cd "$src" && go get "go.etcd.io/etcd/server/v3@$v" >/dev/null && go mod tidy >/dev/null)
+  (cd "$src" && go build -ldflags "$LDBASE -X go.etcd.io/etcd/api/v3/version.GitSHA=module-$v" -o "$out/etcd" .)
+}
+
+build_kwok() {
+  local v="$KWOK_VERSION" src="$1" out="$2"
+  new_module "$src" copd.local/cluster/kwok
+  (cd "$src" && go get -tool "sigs.k8s.io/kwok/cmd/kwok@$v" >/dev/null)
+  (cd "$src" && go build -ldflags "$LDBASE -X sigs.k8s.io/kwok/pkg/consts.Version=${v#v}" \
+     -o "$out/kwok" sigs.k8s.io/kwok/cmd/kwok)
+  mkdir -p "$out/crds"
+  cp "$(moddir "$src" sigs.k8s.io/kwok)"/kustomize/crd/bases/*.yaml "$out/crds/"
+  chmod u+w "$out"/crds/*.yaml
+}
+
+build_helm() {
+  local v="$HELM_VERSION" src="$1" out="$2"
+  new_module "$src" copd.local/cluster/helm
+  (cd "$src" && go get -tool "helm.sh/helm/v3/cmd/helm@$v" >/dev/null)
+  (cd "$src" && go build -ldflags "$LDBASE -X helm.sh/helm/v3/internal/version.version=$v \
+     -X helm.sh/helm/v3/internal/version.gitTreeState=clean" -o "$out/helm" helm.sh/helm/v3/cmd/helm)
+}
+
+build_promtool() {
+  local v="$PROMETHEUS_VERSION" src="$1" out="$2" pv
+  new_module "$src" copd.local/cluster/promtool
+  (cd "$src" && go get -tool "github.com/prometheus/prometheus/cmd/promtool@$v" >/dev/null)
+  pv="$(cat "$(moddir "$src" github.com/prometheus/prometheus)/VERSION")"
+  (cd "$src" && go build -ldflags "$LDBASE -X github.com/prometheus/common/version.Version=$pv \
+     -X github.com/prometheus/common/version.Revision=module-$v -X github.com/prometheus/common/version.Branch=HEAD \
+     -X github.com/prometheus/common/version.BuildUser=copd-operator -X github.com/prometheus/common/version.BuildDate=$BUILD_DATE" \
+     -o "$out/promtool" github.com/prometheus/prometheus/cmd/promtool)
+}
+
+comps=("$@"); [[ ${#comps[@]} -gt 0 ]] || comps=("${ALL[@]}")
+mkdir -p "$CACHE/bin" "$CACHE/src"
+exec 9>"$CACHE/build.lock"
+flock 9   # one build at a time (CI, pytest and a shell may all call `up`)
+
+for c in "${comps[@]}"; do
+  dir="$(bindir "$c")"
+  if [[ -f "$dir/.complete" ]]; then continue; fi
+  log "building $c $(version_of "$c") -> $dir"
+  t0=$SECONDS
+  tmp="$dir.tmp"; rm -rf "$tmp"; mkdir -p "$tmp"
+  "build_$c" "$CACHE/src/$c-$(version_of "$c")" "$tmp"
+  touch "$tmp/.complete"
+  rm -rf "$dir"; mv "$tmp" "$dir"
+  log "built $c in $((SECONDS - t0))s"
+  echo "$c $(version_of "$c") $((SECONDS - t0))s $(date -u +%FT%TZ)" >> "$CACHE/build-times.log"
+done

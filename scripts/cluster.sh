@@ -1,0 +1,295 @@
+#!/usr/bin/env bash
+# A real, local Kubernetes control plane for tests, with no container engine.
+#
+#   scripts/cluster.sh up       build what is missing, start everything, wait healthy (idempotent)
+#   scripts/cluster.sh down     stop what `up` started (PID files) and remove the state
+#   scripts/cluster.sh status   show each component and whether it is healthy
+#
+# Components (binaries built from Go modules by hack/cluster/build.sh, versions
+# in hack/cluster/versions.env): etcd, kube-apiserver (RBAC, TLS on 127.0.0.1
+# only), kube-controller-manager, kube-scheduler, kwok (fake GPU nodes
+# kwok-gpu-0..N-1) and a Python process node (tests/cluster/procnode.py,
+# node proc-node-0) that runs pods as local processes. No kubelet, kube-proxy
+# or CNI: Services get ClusterIPs but nothing routes them.
+#
+# Outputs: .cluster/kubeconfig (admin, group system:masters), .cluster/env (source
+# it: PATH with kubectl/helm/promtool, KUBECONFIG), logs in .cluster/logs/.
+#
+# Environment overrides (defaults in brackets):
+#   COPD_CLUSTER_DIR [<repo>/.cluster]   COPD_CLUSTER_CACHE [~/.cache/copd-operator]
+#   COPD_ETCD_PORT [23790] (peer: +10)   COPD_APISERVER_PORT [26443]
+#   COPD_CM_PORT [20257]  COPD_SCHED_PORT [20259]  COPD_KWOK_PORT [20247]
+#   COPD_KWOK_NODES [4]   COPD_PROCNODE_NAME [proc-node-0]
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD="$ROOT/hack/cluster/build.sh"
+ST="${COPD_CLUSTER_DIR:-$ROOT/.cluster}"
+PKI="$ST/pki" LOGS="$ST/logs" PIDS="$ST/pids"
+ETCD_PORT="${COPD_ETCD_PORT:-23790}"
+ETCD_PEER_PORT=$((ETCD_PORT + 10))
+API_PORT="${COPD_APISERVER_PORT:-26443}"
+CM_PORT="${COPD_CM_PORT:-20257}"
+SCHED_PORT="${COPD_SCHED_PORT:-20259}"
+KWOK_PORT="${COPD_KWOK_PORT:-20247}"
+KWOK_NODES="${COPD_KWOK_NODES:-4}"
+PROCNODE="${COPD_PROCNODE_NAME:-proc-node-0}"
+SERVICE_CIDR=10.96.0.0/16
+API="https://127.0.0.1:$API_PORT"
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok procnode)
+
+log() { echo "[cluster $(date +%H:%M:%S)] $*" >&2; }
+die() { echo "[cluster] ERROR: $*" >&2; exit 1; }
+
+bindirs() {
+  KUBE_BIN="$("$BUILD" --dir kube)" ETCD_BIN="$("$BUILD" --dir etcd)" KWOK_BIN="$("$BUILD" --dir kwok)"
+  HELM_BIN="$("$BUILD" --dir helm)" PROMTOOL_BIN="$("$BUILD" --dir promtool)"
+}
+
+pid_of() { cat "$PIDS/$1.pid" 2>/dev/null || true; }
+alive() { local p; p="$(pid_of "$1")"; [[ -n "$p" ]] && kill -0 "$p" 2>/dev/null; }
+port_busy() { ss -ltnH "sport = :$1" 2>/dev/null | grep -q .; }
+
+# start NAME PORT CMD...: start CMD in its own session unless NAME already runs
+start() {
+  local name="$1" port="$2"; shift 2
+  if alive "$name"; then return 0; fi
+  if [[ "$port" != - ]] && port_busy "$port"; then
+    die "port $port (for $name) is in use by a process this cluster did not start; stop it or set COPD_*_PORT (see scripts/cluster.sh header)"
+  fi
+  log "starting $name"
+  setsid nohup "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null &
+  echo $! > "$PIDS/$name.pid"
+}
+
+# wait_for WHAT SECONDS CMD...: poll CMD until it succeeds
+wait_for() {
+  local what="$1" secs="$2" i; shift 2
+  for ((i = 0; i < secs * 2; i++)); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.5
+  done
+  die "timed out after ${secs}s waiting for $what (logs: $LOGS)"
+}
+
+curl_api() { curl -fsS --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" "$API$1"; }
+healthz() { curl -fsSk "https://127.0.0.1:$1/healthz"; }
+kctl() { "$KUBE_BIN/kubectl" --kubeconfig "$ST/kubeconfig" "$@"; }
+
+# ---- PKI -------------------------------------------------------------------
+# sign NAME CN ORG EXT: EC key + cert signed by the local CA
+sign() {
+  local name="$1" cn="$2" org="$3" ext="$4"
+  [[ -f "$PKI/$name.crt" ]] && return 0
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$PKI/$name.key" -subj "/CN=$cn${org:+/O=$org}" -out "$PKI/$name.csr" 2>/dev/null
+  printf '%b' "$ext" > "$PKI/$name.ext"
+  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+    -days 3650 -sha256 -extfile "$PKI/$name.ext" -out "$PKI/$name.crt" 2>/dev/null
+}
+
+make_pki() {
+  mkdir -p "$PKI"
+  if [[ ! -f "$PKI/ca.crt" ]]; then
+    openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+      -keyout "$PKI/ca.key" -out "$PKI/ca.crt" -subj "/CN=copd-local-ca" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
+  fi
+  local client='keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n'
+  sign apiserver kube-apiserver "" \
+    'keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n'
+  sign admin admin system:masters "$client"
+  sign controller-manager system:kube-controller-manager "" "$client"
+  sign scheduler system:kube-scheduler "" "$client"
+  if [[ ! -f "$PKI/sa.key" ]]; then
+    openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
+    openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
+  fi
+}
+
+# kubeconfig FILE CERTNAME USER
+kubeconfig() {
+  local b64='base64 -w0'
+  cat > "$1.tmp" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: copd-local
+  cluster:
+    server: $API
+    certificate-authority-data: $($b64 < "$PKI/ca.crt")
+users:
+- name: $3
+  user:
+    client-certificate-data: $($b64 < "$PKI/$2.crt")
+    client-key-data: $($b64 < "$PKI/$2.key")
+contexts:
+- name: copd-local
+  context: {cluster: copd-local, user: $3}
+current-context: copd-local
+EOF
+  mv "$1.tmp" "$1"
+}
+
+kwok_nodes_yaml() {
+  local i
+  for ((i = 0; i < KWOK_NODES; i++)); do
+    cat <<EOF
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: kwok-gpu-$i
+  annotations:
+    kwok.x-k8s.io/node: fake
+    node.alpha.kubernetes.io/ttl: "0"
+  labels:
+    type: kwok
+    kubernetes.io/arch: amd64
+    kubernetes.io/os: linux
+    kubernetes.io/hostname: kwok-gpu-$i
+    node-role/gpu: "true"
+    node.kubernetes.io/instance-type: fake-gpu-8x
+    nvidia.com/gpu.present: "true"
+    nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3
+    nvidia.com/gpu.count: "8"
+    nvidia.com/gpu.memory: "81559"
+spec:
+  taints:
+  - key: kwok.x-k8s.io/node
+    value: fake
+    effect: NoSchedule
+status:
+  allocatable: {cpu: "64", memory: 512Gi, pods: "110", nvidia.com/gpu: "8", ephemeral-storage: 1Ti}
+  capacity: {cpu: "64", memory: 512Gi, pods: "110", nvidia.com/gpu: "8", ephemeral-storage: 1Ti}
+  nodeInfo: {architecture: amd64, operatingSystem: linux, kubeletVersion: fake}
+EOF
+  done
+}
+
+write_env() {
+  cat > "$ST/env.tmp" <<EOF
+# source me: tools and credentials of the local control plane (scripts/cluster.sh)
+export PATH="$KUBE_BIN:$HELM_BIN:$PROMTOOL_BIN:$KWOK_BIN:$ETCD_BIN:\$PATH"
+export KUBECONFIG="$ST/kubeconfig"
+export COPD_CLUSTER_DIR="$ST"
+export COPD_PROCNODE_NAME="$PROCNODE"
+export COPD_PROCNODE_WORKDIR="$ST/procnode"
+EOF
+  mv "$ST/env.tmp" "$ST/env"
+}
+
+python_bin() {
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then echo "$ROOT/.venv/bin/python"; else command -v python3; fi
+}
+
+cmd_up() {
+  local t0=$SECONDS
+  "$BUILD" || die "building the control plane binaries failed (see output above)"
+  bindirs
+  mkdir -p "$ST" "$LOGS" "$PIDS" "$ST/etcd" "$ST/procnode"
+  make_pki
+  kubeconfig "$ST/kubeconfig" admin admin
+  kubeconfig "$ST/controller-manager.kubeconfig" controller-manager system:kube-controller-manager
+  kubeconfig "$ST/scheduler.kubeconfig" scheduler system:kube-scheduler
+  write_env
+
+  start etcd "$ETCD_PORT" "$ETCD_BIN/etcd" --name copd --data-dir "$ST/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "copd=http://127.0.0.1:$ETCD_PEER_PORT" --listen-metrics-urls "" \
+    --unsafe-no-fsync --quota-backend-bytes 4294967296 --log-level warn
+  wait_for etcd 60 curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
+
+  start kube-apiserver "$API_PORT" "$KUBE_BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
+    --endpoint-reconciler-type none \
+    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
+    --client-ca-file "$PKI/ca.crt" --authorization-mode Node,RBAC \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
+    --service-cluster-ip-range "$SERVICE_CIDR" --allow-privileged=true --profiling=false \
+    --cert-dir "$ST/apiserver-certs"
+  wait_for kube-apiserver 120 curl_api /readyz
+
+  start kube-controller-manager "$CM_PORT" "$KUBE_BIN/kube-controller-manager" \
+    --kubeconfig "$ST/controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$ST/controller-manager.kubeconfig" \
+    --authorization-kubeconfig "$ST/controller-manager.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$CM_PORT" --leader-elect=false \
+    --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
+    --use-service-account-credentials=true \
+    --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
+    --service-cluster-ip-range "$SERVICE_CIDR" --cert-dir "$ST/cm-certs"
+  start kube-scheduler "$SCHED_PORT" "$KUBE_BIN/kube-scheduler" \
+    --kubeconfig "$ST/scheduler.kubeconfig" \
+    --authentication-kubeconfig "$ST/scheduler.kubeconfig" --authorization-kubeconfig "$ST/scheduler.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$SCHED_PORT" --leader-elect=false --cert-dir "$ST/sched-certs"
+
+  # KWOK: CRDs, Stage objects, fake GPU nodes, then the controller.
+  kctl apply --server-side --force-conflicts -f "$KWOK_BIN/crds/" >/dev/null
+  kctl wait --for condition=Established --timeout 60s crd/stages.kwok.x-k8s.io >/dev/null
+  kctl apply --server-side --force-conflicts -f "$ROOT/hack/cluster/kwok/stages.yaml" >/dev/null
+  kwok_nodes_yaml | kctl apply --server-side --force-conflicts -f - >/dev/null
+  start kwok "$KWOK_PORT" "$KWOK_BIN/kwok" --kubeconfig "$ST/kubeconfig" --config /dev/null \
+    --manage-all-nodes=false --manage-nodes-with-label-selector type=kwok \
+    --enable-crds Stage --server-address "127.0.0.1:$KWOK_PORT" --node-lease-duration-seconds 40
+
+  start procnode - "$(python_bin)" "$ROOT/tests/cluster/procnode.py" \
+    --kubeconfig "$ST/kubeconfig" --name "$PROCNODE" --workdir "$ST/procnode" \
+    --api-host 127.0.0.1 --api-port "$API_PORT"
+
+  wait_for kube-controller-manager 90 healthz "$CM_PORT"
+  wait_for kube-scheduler 90 healthz "$SCHED_PORT"
+  wait_for kwok 60 curl -fsS "http://127.0.0.1:$KWOK_PORT/healthz"
+  wait_for "kwok nodes Ready" 90 kctl wait --for condition=Ready --timeout 5s node -l type=kwok
+  wait_for "node $PROCNODE Ready" 90 kctl wait --for condition=Ready --timeout 5s "node/$PROCNODE"
+  wait_for "default service account" 60 kctl get serviceaccount default -n default
+  local c
+  for c in "${COMPONENTS[@]}"; do alive "$c" || die "$c exited (see $LOGS/$c.log)"; done
+  log "up in $((SECONDS - t0))s: source $ST/env  (KUBECONFIG=$ST/kubeconfig)"
+}
+
+cmd_down() {
+  local c p i
+  for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
+    c="${COMPONENTS[$i]}"; p="$(pid_of "$c")"
+    [[ -n "$p" ]] || continue
+    if kill -0 "$p" 2>/dev/null; then
+      log "stopping $c ($p)"
+      kill -TERM "$p" 2>/dev/null || true
+      for ((n = 0; n < 40 && $(kill -0 "$p" 2>/dev/null && echo 1 || echo 0); n++)); do sleep 0.25; done
+      kill -KILL "$p" 2>/dev/null || true
+    fi
+    rm -f "$PIDS/$c.pid"
+  done
+  # keep the logs for post-mortems, drop everything else
+  if [[ -d "$ST" ]]; then
+    find "$ST" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf {} +
+  fi
+  log "down"
+}
+
+cmd_status() {
+  local c rc=0 health
+  for c in "${COMPONENTS[@]}"; do
+    if alive "$c"; then health="running (pid $(pid_of "$c"))"; else health="NOT running"; rc=1; fi
+    printf '%-24s %s\n' "$c" "$health"
+  done
+  if [[ -f "$ST/kubeconfig" ]] && curl_api /readyz >/dev/null 2>&1; then
+    echo "apiserver                $API ready"
+    bindirs
+    kctl get nodes -o wide 2>/dev/null || true
+  else
+    echo "apiserver                not ready"; rc=1
+  fi
+  return $rc
+}
+
+case "${1:-}" in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac
