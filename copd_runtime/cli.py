@@ -1,0 +1,233 @@
+"""`copd`: run CoPD on one machine, or run one piece of it inside a pod.
+
+    copd run MANIFEST --output DIR        the whole run, locally (the demo)
+    copd validate MANIFEST                check a manifest, print the resolved spec
+    copd build-base NAME --output DIR     build a builtin tiny base model
+    copd stage | hub | diagnose | merge   the entry points the operator puts in pods
+
+Pod entry points print one JSON report line on stdout and also write it to
+`--report-file` (the pod's terminationMessagePath), which is how the operator
+learns the outcome without reading volumes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .spec import SpecError, load_manifest
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _manifest(path: Path):
+    try:
+        return load_manifest(path)
+    except SpecError as e:
+        typer.secho(f"invalid CoPDRun {path}: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    except (OSError, ValueError) as e:
+        typer.secho(f"cannot read {path}: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+def _report(obj: dict, report_file: Path | None) -> None:
+    line = json.dumps(obj)
+    print(line, flush=True)
+    if report_file is not None:
+        try:
+            report_file.parent.mkdir(parents=True, exist_ok=True)
+            report_file.write_text(line)
+        except OSError as e:
+            print(f"warning: cannot write report to {report_file}: {e}", file=sys.stderr)
+
+
+@app.command()
+def validate(manifest: Path) -> None:
+    """Validate a CoPDRun manifest and print the spec with defaults filled in."""
+    m = _manifest(manifest)
+    print(m.spec.model_dump_json(by_alias=True, indent=2))
+
+
+@app.command()
+def run(
+    manifest: Path,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory (also its storage).")],
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port.")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps inside a stage.")] = 2,
+    live: Annotated[bool | None, typer.Option("--live/--no-live", help="Live table (default: on a TTY).")] = None,
+) -> None:
+    """Run a whole CoPD run on this machine: branches, hub, diagnostics and merge."""
+    import time
+
+    m = _manifest(manifest)
+    from .metrics import CoPDMetrics
+    from .progress import Progress
+    from .runner import LocalRun
+
+    metrics = CoPDMetrics()
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, registry=metrics.registry)
+    t0 = time.monotonic()
+    with Progress(m.metadata.name, [b.name for b in m.spec.branches], live=live) as progress:
+        lr = LocalRun(m, output, on_event=progress.event, on_step=progress.step, metrics=metrics,
+                      checkpoint_every=checkpoint_every)
+        status = lr.run()
+    summary = lr.summary(status)
+    summary["wall_seconds"] = round(time.monotonic() - t0, 1)
+    (lr.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_summary(summary)
+    raise typer.Exit(0 if status.phase.value == "Succeeded" else 1)
+
+
+def _print_summary(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    t = Table(title=f"run {s['run']}: {s['phase']} after {s['cycles_completed']} cycles in {s['wall_seconds']}s")
+    domains = sorted({d for b in s["branches"].values() for d in b["eval"]})
+    for col in ["model", "reward first→last", *domains]:
+        t.add_column(col)
+    for name, b in s["branches"].items():
+        rf, rl = b["reward_first"], b["reward_last"]
+        t.add_row(name, f"{rf:.3f} → {rl:.3f}" if rf is not None and rl is not None else "",
+                  *[f"{b['eval'].get(d, 0):.3f}" for d in domains])
+    if s["merge"]["path"]:
+        t.add_row("merged", "", *[f"{s['merge']['eval'].get(d, 0):.3f}" for d in domains])
+    c.print(t)
+    c.print(f"merge ready: {s['merge']['ready']} ({s['merge']['reason']})")
+    c.print(f"merged model: {s['merge']['path']}")
+
+
+@app.command("build-base")
+def build_base(name: str, output: Annotated[Path, typer.Option("--output", "-o")]) -> None:
+    """Build a builtin tiny base model (tiny-qwen3, tiny-qwen3-vl) into a HF directory."""
+    from .models import atomic_dir
+    from .tiny_models import build_builtin
+
+    with atomic_dir(output) as tmp:
+        build_builtin(name, tmp)
+    print(output)
+
+
+# ---------------------------------------------------------------------------
+# Pod entry points
+
+ManifestOpt = Annotated[Path, typer.Option("--manifest", help="The CoPDRun manifest (YAML or JSON).")]
+StorageOpt = Annotated[Path, typer.Option("--storage", help="The run's storage directory.")]
+ReportOpt = Annotated[Path | None, typer.Option("--report-file", help="Also write the JSON report here.")]
+
+
+@app.command()
+def stage(
+    manifest: ManifestOpt,
+    storage: StorageOpt,
+    branch: Annotated[str, typer.Option()],
+    cycle: Annotated[int, typer.Option(min=1)],
+    stage: Annotated[str, typer.Option(help="RL or OPD")],
+    hub_url: Annotated[str | None, typer.Option(help="Hub service URL (OPD).")] = None,
+    checkpoint_every: Annotated[int, typer.Option()] = 0,
+    report_file: ReportOpt = None,
+) -> None:
+    """Run one RL or OPD stage of one branch (resuming from its newest checkpoint)."""
+    from .cycle import Stage
+    from .trainer import run_branch_stage
+
+    m = _manifest(manifest)
+    if branch not in [b.name for b in m.spec.branches]:
+        _report({"failed": True, "message": f"unknown branch {branch!r}"}, report_file)
+        raise typer.Exit(2)
+    st = Stage(stage)
+    hub = None
+    if st == Stage.OPD:
+        if not hub_url:
+            _report({"failed": True, "message": "OPD needs --hub-url"}, report_file)
+            raise typer.Exit(2)
+        from .hub import HttpHub
+
+        hub = HttpHub(hub_url)
+    metrics_file = storage / "metrics.jsonl"
+
+    def sink(rec: dict) -> None:
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(json.dumps({k: v for k, v in rec.items() if not isinstance(v, list)}), file=sys.stderr, flush=True)
+
+    try:
+        rep = run_branch_stage(m.spec, storage, branch, cycle, st, hub=hub, sink=sink, run_name=m.metadata.name,
+                               checkpoint_every=checkpoint_every)
+    except Exception as e:
+        _report({"branch": branch, "cycle": cycle, "stage": stage, "failed": True,
+                 "message": f"{type(e).__name__}: {e}"[:1000]}, report_file)
+        raise
+    _report({"branch": branch, **rep}, report_file)
+
+
+@app.command()
+def hub(
+    manifest: ManifestOpt,
+    storage: StorageOpt,
+    cycle: Annotated[int, typer.Option(min=1, help="The OPD stage whose frozen teachers to serve.")],
+    port: Annotated[int, typer.Option()] = 8000,
+    host: Annotated[str, typer.Option()] = "0.0.0.0",
+) -> None:
+    """Serve teacher scoring for the OPD stage of CYCLE (teachers frozen at its start)."""
+    from .hub import InProcessHub, make_server
+    from .trainer import stage_start_model
+
+    m = _manifest(manifest)
+    spec = m.spec
+    snaps = {b.name: stage_start_model(spec, storage, b.name, cycle, "OPD") for b in spec.branches}
+    h = InProcessHub(snaps, spec.rl.temperature, spec.base_model.kind)
+    for name in snaps:
+        h.teacher(name)
+    server = make_server(h, host, port)
+    print(json.dumps({"hub": "ready", "cycle": cycle, "teachers": {k: str(v) for k, v in snaps.items()},
+                      "port": server.server_address[1]}), flush=True)
+    server.serve_forever()
+
+
+@app.command()
+def diagnose(manifest: ManifestOpt, storage: StorageOpt, cycle: Annotated[int, typer.Option(min=1)],
+             report_file: ReportOpt = None) -> None:
+    """Measure top-k overlap and symmetric KL of every direction on the probe set."""
+    from .diagnose import diagnose as run_diagnose
+    from .runner import LocalRun
+
+    m = _manifest(manifest)
+    lr = LocalRun(m, storage, on_event=lambda s: print(s, file=sys.stderr))
+    rows = run_diagnose(m.spec, lr.final_model_dirs(), lr.datasets, cycle)
+    path = storage / "diagnostics" / f"cycle-{cycle:03d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([r.as_dict() for r in rows], indent=2))
+    _report({"cycle": cycle, "diagnostics": [r.as_dict() for r in rows]}, report_file)
+
+
+@app.command()
+def merge(manifest: ManifestOpt, storage: StorageOpt, output: Annotated[Path | None, typer.Option()] = None,
+          report_file: ReportOpt = None) -> None:
+    """Merge the branches' newest checkpoints into one HF model directory."""
+    from .merge import merge_dirs
+    from .models import resolve_model_dir
+    from .runner import LocalRun
+
+    m = _manifest(manifest)
+    spec = m.spec
+    lr = LocalRun(m, storage, on_event=lambda s: print(s, file=sys.stderr))
+    dirs = lr.final_model_dirs()
+    w = spec.merge_weights()
+    out = output or storage / "merged"
+    merge_dirs([dirs[n] for n in dirs], [w[n] for n in dirs], out, method=spec.merge.method,
+               base_dir=resolve_model_dir(spec.base_model.uri, storage), scale=spec.merge.scale)
+    _report({"merged": True, "path": str(out)}, report_file)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,56 @@
+"""The per-cycle Diagnose stage: how aligned are the branches now?
+
+For every (student, teacher) direction of the topology, the student samples on
+a fixed probe set (the first `diagnostics.probePrompts` eval prompts of the
+teacher's domain, same seed every cycle) and both models' full next-token
+distributions are compared on those visited states: exact top-k overlap and
+exact symmetric KL, averaged over response tokens. The hub runs this (it holds
+every branch's weights); `copd run` runs it in-process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .data import Dataset
+from .diagnostics import masked_mean, symmetric_kl_B_T, topk_overlap_B_T
+from .models import Policy, load_policy
+from .readiness import DirectionDiagnostic
+from .rollout import forward_logits, sample
+from .spec import CoPDRunSpec
+from .trainer import step_seed
+
+
+@torch.no_grad()
+def _full_logprobs(policy: Policy, rollout, temperature: float) -> torch.Tensor:
+    logits = forward_logits(policy, rollout.input_ids, rollout.attention_mask, rollout.vision)[:, :-1]
+    return torch.nn.functional.pad(torch.log_softmax(logits.float() / temperature, -1), (0, 0, 1, 0))
+
+
+@torch.no_grad()
+def measure_direction(student: Policy, teacher: Policy, probe, k: int, max_new_tokens: int, temperature: float,
+                      seed: int) -> tuple[float, float]:
+    torch.manual_seed(seed)
+    rollout = sample(student, probe, max_new_tokens, temperature)
+    s = _full_logprobs(student, rollout, temperature)
+    t = _full_logprobs(teacher, rollout, temperature)
+    k = min(k, s.shape[-1])
+    overlap = topk_overlap_B_T(s.topk(k, -1).indices, t.topk(k, -1).indices)
+    skl = symmetric_kl_B_T(s, t)
+    return masked_mean(overlap, rollout.response_mask), masked_mean(skl, rollout.response_mask)
+
+
+def diagnose(spec: CoPDRunSpec, model_dirs: dict[str, Path], datasets: dict[str, Dataset], cycle: int
+             ) -> list[DirectionDiagnostic]:
+    policies = {name: load_policy(d, spec.base_model.kind) for name, d in model_dirs.items()}
+    out = []
+    for student, teacher in spec.directions():
+        probe = datasets[teacher].eval[: spec.diagnostics.probe_prompts]
+        ov, kl = measure_direction(
+            policies[student], policies[teacher], probe, spec.diagnostics.top_k, spec.rl.max_new_tokens,
+            spec.rl.temperature, step_seed(spec.seed, "probe", student, teacher),
+        )
+        out.append(DirectionDiagnostic(cycle, student, teacher, ov, kl))
+    return out

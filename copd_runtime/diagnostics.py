@@ -1,0 +1,54 @@
+"""Alignment diagnostics between a student and a teacher, and merge readiness.
+
+Both are measured on states the STUDENT visits (prefixes of its own rollouts).
+Pure: torch maths and plain data, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def topk_overlap_B_T(student_topk_B_T_K: torch.Tensor, teacher_topk_B_T_K: torch.Tensor) -> torch.Tensor:
+    """|TopK(student) ∩ TopK(teacher)| / k at every position (ids within a row are distinct)."""
+    k = student_topk_B_T_K.shape[-1]
+    hits = (student_topk_B_T_K.unsqueeze(-1) == teacher_topk_B_T_K.unsqueeze(-2)).any(-1)
+    return hits.float().sum(-1) / k
+
+
+def symmetric_kl_B_T(logp_B_T_V: torch.Tensor, logq_B_T_V: torch.Tensor) -> torch.Tensor:
+    """KL(p‖q) + KL(q‖p) = Σ (p − q)(log p − log q), over the full vocabulary."""
+    p, q = logp_B_T_V.exp(), logq_B_T_V.exp()
+    return ((p - q) * (logp_B_T_V - logq_B_T_V)).sum(-1)
+
+
+def bucketed_symmetric_kl_B_T(
+    logp_on_support_B_T_S: torch.Tensor,
+    logq_on_support_B_T_S: torch.Tensor,
+    support_valid_B_T_S: torch.Tensor,
+) -> torch.Tensor:
+    """Symmetric KL of both distributions coarsened to a support plus one tail bucket.
+
+    Used where only top-k of the teacher travels (the hub returns top-k, not the
+    whole vocabulary). The support is the union of both top-k sets; everything
+    else is lumped into one bucket. Coarsening never increases a KL, so this is a
+    lower bound of `symmetric_kl_B_T`, exact when the support covers the
+    vocabulary. `support_valid` masks padding/duplicate slots of the support.
+    """
+    valid = support_valid_B_T_S.float()
+    p = logp_on_support_B_T_S.exp() * valid
+    q = logq_on_support_B_T_S.exp() * valid
+    p_tail = (1.0 - p.sum(-1)).clamp(min=1e-12)
+    q_tail = (1.0 - q.sum(-1)).clamp(min=1e-12)
+    lp = torch.where(valid > 0, logp_on_support_B_T_S, torch.zeros_like(p))
+    lq = torch.where(valid > 0, logq_on_support_B_T_S, torch.zeros_like(q))
+    head = ((p - q) * (lp - lq) * valid).sum(-1)
+    tail = (p_tail - q_tail) * (p_tail.log() - q_tail.log())
+    return head + tail
+
+
+def masked_mean(values_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> float:
+    n = mask_B_T.sum()
+    return float((values_B_T * mask_B_T).sum() / n) if n > 0 else float("nan")

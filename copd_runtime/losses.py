@@ -1,0 +1,68 @@
+"""The maths of GRPO and on-policy distillation, as small pure functions.
+
+Shape suffixes: B = sequences in a batch, P = prompts, G = group size, T = token
+positions. Masks are float tensors of 0/1.
+
+Where this departs from textbook GRPO (and why):
+- no reference-KL term by default (CoPD trains from a warm base; the paper uses none);
+- the loss is a token mean over the whole batch (DAPO style), not a per-sequence
+  mean, so long responses are not down-weighted;
+- clipping has separate low/high ε ("clip-higher") to keep exploration alive.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages_P_G(rewards_P_G: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (r_i − mean(r)) / (std(r) + eps) within each prompt's group.
+
+    std is the population std (divide by G). A group whose rewards are all equal
+    carries no signal and gets advantage 0 everywhere.
+    """
+    mean = rewards_P_G.mean(dim=-1, keepdim=True)
+    std = rewards_P_G.std(dim=-1, keepdim=True, unbiased=False)
+    return (rewards_P_G - mean) / (std + eps)
+
+
+def opd_advantages_B_T(
+    teacher_logprobs_B_T: torch.Tensor,
+    old_logprobs_B_T: torch.Tensor,
+    beta: float,
+    mask_B_T: torch.Tensor,
+) -> torch.Tensor:
+    """A_t = β·(log π_T(y_t) − log π_old(y_t)), detached, zero outside the response."""
+    return (beta * (teacher_logprobs_B_T - old_logprobs_B_T) * mask_B_T).detach()
+
+
+def clipped_pg_loss(
+    logprobs_B_T: torch.Tensor,
+    old_logprobs_B_T: torch.Tensor,
+    advantages_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """−token_mean( min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A) ), ρ = exp(logπ − logπ_old).
+
+    Returns the scalar loss and a few statistics (clip fraction, mean ratio).
+    """
+    ratio = torch.exp(logprobs_B_T - old_logprobs_B_T)
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    per_token = -torch.minimum(ratio * advantages_B_T, clipped * advantages_B_T)
+    n_tokens = mask_B_T.sum().clamp(min=1.0)
+    loss = (per_token * mask_B_T).sum() / n_tokens
+    with torch.no_grad():
+        was_clipped = ((ratio * advantages_B_T) > (clipped * advantages_B_T)).float()
+        stats = {
+            "clip_frac": float((was_clipped * mask_B_T).sum() / n_tokens),
+            "ratio_mean": float((ratio * mask_B_T).sum() / n_tokens),
+        }
+    return loss, stats
+
+
+def token_logprobs_B_T(logits_B_T_V: torch.Tensor, targets_B_T: torch.Tensor, temperature: float = 1.0):
+    """log softmax(logits / temperature) gathered at the target ids."""
+    logp = torch.log_softmax(logits_B_T_V.float() / temperature, dim=-1)
+    return logp.gather(-1, targets_B_T.unsqueeze(-1)).squeeze(-1)
