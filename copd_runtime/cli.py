@@ -19,13 +19,23 @@ from typing import Annotated
 
 import typer
 
-from .spec import SpecError, load_manifest
+from .spec import SpecError, load_manifest, parse_manifest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
 def _manifest(path: Path):
+    """A manifest file, or `env:NAME` for a manifest (YAML/JSON) held in an environment variable."""
     try:
+        if str(path).startswith("env:"):
+            import os
+
+            import yaml
+
+            name = str(path).removeprefix("env:")
+            if name not in os.environ:
+                raise ValueError(f"environment variable {name} is not set")
+            return parse_manifest(yaml.safe_load(os.environ[name]))
         return load_manifest(path)
     except SpecError as e:
         typer.secho(f"invalid CoPDRun {path}: {e}", fg="red", err=True)
@@ -120,7 +130,7 @@ def build_base(name: str, output: Annotated[Path, typer.Option("--output", "-o")
 # ---------------------------------------------------------------------------
 # Pod entry points
 
-ManifestOpt = Annotated[Path, typer.Option("--manifest", help="The CoPDRun manifest (YAML or JSON).")]
+ManifestOpt = Annotated[Path, typer.Option("--manifest", help="The CoPDRun manifest file, or env:VAR holding it.")]
 StorageOpt = Annotated[Path, typer.Option("--storage", help="The run's storage directory.")]
 ReportOpt = Annotated[Path | None, typer.Option("--report-file", help="Also write the JSON report here.")]
 
