@@ -232,6 +232,17 @@ cmd_up() {
   kctl wait --for condition=Established --timeout 60s crd/stages.kwok.x-k8s.io >/dev/null
   kctl apply --server-side --force-conflicts -f "$ROOT/hack/cluster/kwok/stages.yaml" >/dev/null
   kwok_nodes_yaml | kctl apply --server-side --force-conflicts -f - >/dev/null
+  # default StorageClass; tests/cluster/procnode.py provisions hostPath PVs for it
+  kctl apply --server-side --force-conflicts -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: copd-local
+  annotations: {storageclass.kubernetes.io/is-default-class: "true"}
+provisioner: copd.io/procnode
+reclaimPolicy: Delete
+volumeBindingMode: Immediate
+EOF
   start kwok "$KWOK_PORT" "$KWOK_BIN/kwok" --kubeconfig "$ST/kubeconfig" --config /dev/null \
     --manage-all-nodes=false --manage-nodes-with-label-selector type=kwok \
     --enable-crds Stage --server-address "127.0.0.1:$KWOK_PORT" --node-lease-duration-seconds 40

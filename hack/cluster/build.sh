@@ -53,6 +53,11 @@ new_module() {
   rm -rf "$1"; mkdir -p "$1"
   printf 'module %s\n\ngo 1.26.0\n' "$2" > "$1/go.mod"
 }
+# gomod_get DIR ARGS...: `go get ARGS` in DIR, its chatter kept in DIR/get.log
+gomod_get() {
+  local dir="$1"; shift
+  (cd "$dir" && go get "$@" >>"$dir/get.log" 2>&1) || { cat "$dir/get.log" >&2; return 1; }
+}
 moddir() { (cd "$1" && go list -m -f '{{.Dir}}' "$2"); }
 
 build_kube() {
@@ -70,7 +75,8 @@ build_kube() {
     echo ')'
   } >> "$src/go.mod"
   local pkgs=(cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubectl)
-  (cd "$src" && go get -tool "${pkgs[@]/#/k8s.io/kubernetes/}" "k8s.io/kubernetes@$v" >/dev/null)
+  local with_version=("${pkgs[@]/#/k8s.io/kubernetes/}")
+  gomod_get "$src" -tool "${with_version[@]/%/@$v}"
   local major="${v#v}"; major="${major%%.*}"
   local mnr="${minor%%.*}"
   local ld="$LDBASE -X k8s.io/component-base/version.gitVersion=$v \
@@ -92,14 +98,15 @@ build_etcd() {
   local v="$ETCD_VERSION" src="$1" out="$2"
   new_module "$src" copd.local/cluster/etcd
   cp "$HERE/etcd/main.go" "$src/main.go"
-  (cd "$src" && go get "go.etcd.io/etcd/server/v3@$v" >/dev/null && go mod tidy >/dev/null)
+  gomod_get "$src" "go.etcd.io/etcd/server/v3@$v"
+  (cd "$src" && go mod tidy 2>>"$src/get.log") || { cat "$src/get.log" >&2; return 1; }
   (cd "$src" && go build -ldflags "$LDBASE -X go.etcd.io/etcd/api/v3/version.GitSHA=module-$v" -o "$out/etcd" .)
 }
 
 build_kwok() {
   local v="$KWOK_VERSION" src="$1" out="$2"
   new_module "$src" copd.local/cluster/kwok
-  (cd "$src" && go get -tool "sigs.k8s.io/kwok/cmd/kwok@$v" >/dev/null)
+  gomod_get "$src" -tool "sigs.k8s.io/kwok/cmd/kwok@$v"
   (cd "$src" && go build -ldflags "$LDBASE -X sigs.k8s.io/kwok/pkg/consts.Version=${v#v}" \
      -o "$out/kwok" sigs.k8s.io/kwok/cmd/kwok)
   mkdir -p "$out/crds"
@@ -110,7 +117,7 @@ build_kwok() {
 build_helm() {
   local v="$HELM_VERSION" src="$1" out="$2"
   new_module "$src" copd.local/cluster/helm
-  (cd "$src" && go get -tool "helm.sh/helm/v3/cmd/helm@$v" >/dev/null)
+  gomod_get "$src" -tool "helm.sh/helm/v3/cmd/helm@$v"
   (cd "$src" && go build -ldflags "$LDBASE -X helm.sh/helm/v3/internal/version.version=$v \
      -X helm.sh/helm/v3/internal/version.gitTreeState=clean" -o "$out/helm" helm.sh/helm/v3/cmd/helm)
 }
@@ -118,7 +125,7 @@ build_helm() {
 build_promtool() {
   local v="$PROMETHEUS_VERSION" src="$1" out="$2" pv
   new_module "$src" copd.local/cluster/promtool
-  (cd "$src" && go get -tool "github.com/prometheus/prometheus/cmd/promtool@$v" >/dev/null)
+  gomod_get "$src" -tool "github.com/prometheus/prometheus/cmd/promtool@$v"
   pv="$(cat "$(moddir "$src" github.com/prometheus/prometheus)/VERSION")"
   (cd "$src" && go build -ldflags "$LDBASE -X github.com/prometheus/common/version.Version=$pv \
      -X github.com/prometheus/common/version.Revision=module-$v -X github.com/prometheus/common/version.Branch=HEAD \
