@@ -24,6 +24,11 @@ from transformers import (
     PreTrainedModel,
 )
 
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # one bar per checkpoint load/save drowns the run's own progress
+hf_logging.set_verbosity_error()
+
 BUILTIN_MODELS = ("tiny-qwen3", "tiny-qwen3-vl")
 
 

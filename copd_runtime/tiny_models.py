@@ -90,7 +90,7 @@ def sft_warm_start(
     return losses
 
 
-def build_tiny_qwen3(seed: int = 0, warm_steps: int = 100) -> Policy:
+def build_tiny_qwen3(seed: int = 0, warm_steps: int = 200) -> Policy:
     torch.manual_seed(seed)
     tok = build_char_tokenizer()
     model = Qwen3ForCausalLM(tiny_qwen3_config(len(tok)))
