@@ -45,16 +45,18 @@ class Cluster:
 
     def kubectl(self, *args, check=True, input=None, timeout=120) -> subprocess.CompletedProcess:
         """Run kubectl against the cluster; returns the CompletedProcess (text)."""
-        p = subprocess.run(["kubectl", *args], env=self.env, input=input, capture_output=True,
-                           text=True, timeout=timeout)
+        p = subprocess.run(
+            ["kubectl", *args], env=self.env, input=input, capture_output=True, text=True, timeout=timeout
+        )
         if check and p.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
         return p
 
     def run(self, *argv, check=True, timeout=120) -> subprocess.CompletedProcess:
         """Run any tool from the cluster's PATH (helm, promtool, ...)."""
-        return subprocess.run(list(argv), env=self.env, capture_output=True, text=True, timeout=timeout,
-                              check=check)
+        return subprocess.run(
+            list(argv), env=self.env, capture_output=True, text=True, timeout=timeout, check=check
+        )
 
     def api_client(self):
         """A new kubernetes.client.ApiClient for the admin user."""
@@ -76,21 +78,48 @@ def _read_versions() -> dict:
     return out
 
 
+def pytest_collection_modifyitems(config, items):
+    """The first test that brings the cluster up may pay for a cold build (~13 min on 2 cores):
+    give it UP_TIMEOUT_S on top of the usual per-test timeout."""
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(UP_TIMEOUT_S + 900))
+            break
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Cluster:
     t0 = time.time()
-    p = subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "up"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=UP_TIMEOUT_S)
+    p = subprocess.run(
+        ["bash", str(ROOT / "scripts/cluster.sh"), "up"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=UP_TIMEOUT_S,
+    )
     if p.returncode != 0:
-        pytest.fail(f"scripts/cluster.sh up failed ({p.returncode}) after {time.time() - t0:.0f}s:\n"
-                    f"{p.stdout[-4000:]}\n{p.stderr[-8000:]}", pytrace=False)
+        pytest.fail(
+            f"scripts/cluster.sh up failed ({p.returncode}) after {time.time() - t0:.0f}s:\n"
+            f"{p.stdout[-4000:]}\n{p.stderr[-8000:]}",
+            pytrace=False,
+        )
     cdir = Path(os.environ.get("COPD_CLUSTER_DIR", ROOT / ".cluster"))
-    dump = subprocess.run(["bash", "-c", f"set -a; source '{cdir}/env'; env -0"], capture_output=True,
-                          check=True, env=os.environ.copy())
+    dump = subprocess.run(
+        ["bash", "-c", f"set -a; source '{cdir}/env'; env -0"],
+        capture_output=True,
+        check=True,
+        env=os.environ.copy(),
+    )
     env = dict(kv.split("=", 1) for kv in dump.stdout.decode().split("\0") if "=" in kv)
-    return Cluster(root=ROOT, dir=cdir, kubeconfig=Path(env["KUBECONFIG"]), env=env,
-                   procnode_name=env["COPD_PROCNODE_NAME"], procnode_workdir=Path(env["COPD_PROCNODE_WORKDIR"]),
-                   versions=_read_versions())
+    return Cluster(
+        root=ROOT,
+        dir=cdir,
+        kubeconfig=Path(env["KUBECONFIG"]),
+        env=env,
+        procnode_name=env["COPD_PROCNODE_NAME"],
+        procnode_workdir=Path(env["COPD_PROCNODE_WORKDIR"]),
+        versions=_read_versions(),
+    )
 
 
 @pytest.fixture

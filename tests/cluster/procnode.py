@@ -90,41 +90,94 @@ class Agent:
     # ---- node ---------------------------------------------------------------
     def node_status(self):
         t = now()
-        conds = [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "procnode is posting ready status"}]
-        conds += [{"type": c, "status": "False", "reason": "KubeletHas" + r, "message": "ok"} for c, r in
-                  (("MemoryPressure", "SufficientMemory"), ("DiskPressure", "NoDiskPressure"), ("PIDPressure", "SufficientPID"))]
+        conds = [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "KubeletReady",
+                "message": "procnode is posting ready status",
+            }
+        ]
+        conds += [
+            {"type": c, "status": "False", "reason": "KubeletHas" + r, "message": "ok"}
+            for c, r in (
+                ("MemoryPressure", "SufficientMemory"),
+                ("DiskPressure", "NoDiskPressure"),
+                ("PIDPressure", "SufficientPID"),
+            )
+        ]
         for c in conds:
             c.update(lastHeartbeatTime=t, lastTransitionTime=self._started)
-        cap = {"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "100Gi", "nvidia.com/gpu": str(self.gpus)}
-        return {"capacity": cap, "allocatable": cap, "conditions": conds, "phase": "Running",
-                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": self.name}],
-                "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
-                "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux", "kubeletVersion": "procnode",
-                             "kubeProxyVersion": "", "containerRuntimeVersion": "procnode://1", "kernelVersion": "",
-                             "osImage": "procnode", "machineID": "", "systemUUID": "", "bootID": ""}}
+        cap = {
+            "cpu": "16",
+            "memory": "64Gi",
+            "pods": "110",
+            "ephemeral-storage": "100Gi",
+            "nvidia.com/gpu": str(self.gpus),
+        }
+        return {
+            "capacity": cap,
+            "allocatable": cap,
+            "conditions": conds,
+            "phase": "Running",
+            "addresses": [
+                {"type": "InternalIP", "address": "127.0.0.1"},
+                {"type": "Hostname", "address": self.name},
+            ],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "nodeInfo": {
+                "architecture": "amd64",
+                "operatingSystem": "linux",
+                "kubeletVersion": "procnode",
+                "kubeProxyVersion": "",
+                "containerRuntimeVersion": "procnode://1",
+                "kernelVersion": "",
+                "osImage": "procnode",
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
+            },
+        }
 
     def register(self):
         self._started = now()
-        body = {"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": self.name, "labels": {
-                    "copd.io/process-node": "true", "kubernetes.io/hostname": self.name, "kubernetes.io/os": "linux",
-                    "kubernetes.io/arch": "amd64", "node-role/gpu": "true", "nvidia.com/gpu.present": "true",
-                    "nvidia.com/gpu.product": "procnode-fake-gpu", "nvidia.com/gpu.count": str(self.gpus)}},
-                "spec": {"taints": [{"key": "copd.io/process-node", "value": "true", "effect": "NoSchedule"}]}}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": self.name,
+                "labels": {
+                    "copd.io/process-node": "true",
+                    "kubernetes.io/hostname": self.name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "node-role/gpu": "true",
+                    "nvidia.com/gpu.present": "true",
+                    "nvidia.com/gpu.product": "procnode-fake-gpu",
+                    "nvidia.com/gpu.count": str(self.gpus),
+                },
+            },
+            "spec": {"taints": [{"key": "copd.io/process-node", "value": "true", "effect": "NoSchedule"}]},
+        }
         try:
             self.v1.create_node(body)
         except ApiException as e:
             if e.status != 409:
                 raise
-            self.v1.patch_node(self.name, {"metadata": {"labels": body["metadata"]["labels"]},
-                                           "spec": body["spec"]}, _content_type=MERGE)
+            self.v1.patch_node(
+                self.name,
+                {"metadata": {"labels": body["metadata"]["labels"]}, "spec": body["spec"]},
+                _content_type=MERGE,
+            )
         self.heartbeat()
 
     def heartbeat(self):
         self.v1.patch_node_status(self.name, {"status": self.node_status()}, _content_type=SMP)
         renew = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        lease = {"metadata": {"name": self.name, "namespace": "kube-node-lease"},
-                 "spec": {"holderIdentity": self.name, "leaseDurationSeconds": 40, "renewTime": renew}}
+        lease = {
+            "metadata": {"name": self.name, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": self.name, "leaseDurationSeconds": 40, "renewTime": renew},
+        }
         try:
             self.coord.patch_namespaced_lease(self.name, "kube-node-lease", lease, _content_type=MERGE)
         except ApiException as e:
@@ -144,16 +197,30 @@ class Agent:
         """Bind each pending claim of StorageClass copd-local to a hostPath PV at <workdir>/pvc/<ns>/<claim>."""
         for pvc in self.v1.list_persistent_volume_claim_for_all_namespaces().items:
             m, s = pvc.metadata, pvc.spec
-            if pvc.status.phase != "Pending" or s.volume_name or (s.storage_class_name or "") != STORAGE_CLASS:
+            if (
+                pvc.status.phase != "Pending"
+                or s.volume_name
+                or (s.storage_class_name or "") != STORAGE_CLASS
+            ):
                 continue
             path = os.path.join(self.workdir, "pvc", m.namespace, m.name)
             os.makedirs(path, exist_ok=True)
-            pv = {"apiVersion": "v1", "kind": "PersistentVolume",
-                  "metadata": {"name": f"pvc-{m.uid}", "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER}},
-                  "spec": {"capacity": {"storage": (s.resources.requests or {}).get("storage", "1Gi")},
-                           "accessModes": s.access_modes or ["ReadWriteOnce"], "hostPath": {"path": path},
-                           "storageClassName": STORAGE_CLASS, "persistentVolumeReclaimPolicy": "Delete",
-                           "claimRef": {"namespace": m.namespace, "name": m.name, "uid": m.uid}}}
+            pv = {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {
+                    "name": f"pvc-{m.uid}",
+                    "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER},
+                },
+                "spec": {
+                    "capacity": {"storage": (s.resources.requests or {}).get("storage", "1Gi")},
+                    "accessModes": s.access_modes or ["ReadWriteOnce"],
+                    "hostPath": {"path": path},
+                    "storageClassName": STORAGE_CLASS,
+                    "persistentVolumeReclaimPolicy": "Delete",
+                    "claimRef": {"namespace": m.namespace, "name": m.name, "uid": m.uid},
+                },
+            }
             try:
                 self.v1.create_persistent_volume(pv)
                 log.info("provisioned %s for %s/%s", pv["metadata"]["name"], m.namespace, m.name)
@@ -161,8 +228,10 @@ class Agent:
                 if e.status != 409:
                     raise
         for pv in self.v1.list_persistent_volume().items:
-            if pv.status.phase == "Released" and (pv.metadata.annotations or {}).get(
-                    "pv.kubernetes.io/provisioned-by") == PROVISIONER:
+            if (
+                pv.status.phase == "Released"
+                and (pv.metadata.annotations or {}).get("pv.kubernetes.io/provisioned-by") == PROVISIONER
+            ):
                 self.v1.delete_persistent_volume(pv.metadata.name)
 
     def provision_loop(self):
@@ -184,8 +253,12 @@ class Agent:
                     runner.phase = status.get("phase") or "Failed"
                 if runner is not None and not getattr(runner, "deleting", False):
                     runner.deleting = True
-                    grace = min(meta.get("deletionGracePeriodSeconds")
-                                or pod["spec"].get("terminationGracePeriodSeconds") or 0, 30)
+                    grace = min(
+                        meta.get("deletionGracePeriodSeconds")
+                        or pod["spec"].get("terminationGracePeriodSeconds")
+                        or 0,
+                        30,
+                    )
                     threading.Thread(target=self._delete, args=(uid, runner, grace), daemon=True).start()
                 return
             if runner is None:
@@ -210,7 +283,9 @@ class Agent:
         selector = f"spec.nodeName={self.name}"
         while not self.done.is_set():
             try:
-                pods = self.api.sanitize_for_serialization(self.v1.list_pod_for_all_namespaces(field_selector=selector))
+                pods = self.api.sanitize_for_serialization(
+                    self.v1.list_pod_for_all_namespaces(field_selector=selector)
+                )
                 seen = set()
                 for p in pods["items"]:
                     seen.add(p["metadata"]["uid"])
@@ -220,8 +295,12 @@ class Agent:
                 for _uid, pod in gone:
                     self.on_pod("DELETED", pod)
                 w = watch.Watch()
-                for ev in w.stream(self.v1.list_pod_for_all_namespaces, field_selector=selector,
-                                   resource_version=pods["metadata"]["resourceVersion"], timeout_seconds=300):
+                for ev in w.stream(
+                    self.v1.list_pod_for_all_namespaces,
+                    field_selector=selector,
+                    resource_version=pods["metadata"]["resourceVersion"],
+                    timeout_seconds=300,
+                ):
                     if ev["type"] in ("ADDED", "MODIFIED", "DELETED"):
                         self.on_pod(ev["type"], ev["raw_object"])
                     if self.done.is_set():

@@ -41,14 +41,19 @@ def rewrite(text, mapping):
     if not isinstance(text, str):
         return text
     for src in sorted(mapping, key=len, reverse=True):
-        text = re.sub(r"(?<![\w.\-/])" + re.escape(src) + r"(?=$|[^\w.\-])", lambda _m, d=mapping[src]: d, text)
+        text = re.sub(
+            r"(?<![\w.\-/])" + re.escape(src) + r"(?=$|[^\w.\-])", lambda _m, d=mapping[src]: d, text
+        )
     return text
 
 
 def expand_vars(text, env):
     """Kubernetes $(VAR) expansion; $$(VAR) escapes."""
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.\-]*)\)",
-                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.\-]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+        text,
+    )
 
 
 class PodRunner:
@@ -77,17 +82,36 @@ class PodRunner:
         with self.lock:
             spec = self.pod["spec"]
             cs = [self.statuses[c["name"]] for c in spec["containers"] if c["name"] in self.statuses]
-            ics = [self.init_statuses[c["name"]] for c in spec.get("initContainers") or []
-                   if c["name"] in self.init_statuses]
-            ready = self.phase == "Running" and len(cs) == len(spec["containers"]) and all(s["ready"] for s in cs)
-            conds = [c for c in (self.pod.get("status") or {}).get("conditions") or []
-                     if c["type"] not in ("Initialized", "Ready", "ContainersReady", "PodReadyToStartContainers")]
-            conds += [self._cond("PodReadyToStartContainers", True), self._cond("Initialized", self.initialized),
-                      self._cond("ContainersReady", ready), self._cond("Ready", ready)]
-            status = {"phase": self.phase, "conditions": conds, "hostIP": "127.0.0.1",
-                      "hostIPs": [{"ip": "127.0.0.1"}], "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
-                      "startTime": (self.pod.get("status") or {}).get("startTime") or now(),
-                      "containerStatuses": cs, "initContainerStatuses": ics}
+            ics = [
+                self.init_statuses[c["name"]]
+                for c in spec.get("initContainers") or []
+                if c["name"] in self.init_statuses
+            ]
+            ready = (
+                self.phase == "Running" and len(cs) == len(spec["containers"]) and all(s["ready"] for s in cs)
+            )
+            conds = [
+                c
+                for c in (self.pod.get("status") or {}).get("conditions") or []
+                if c["type"] not in ("Initialized", "Ready", "ContainersReady", "PodReadyToStartContainers")
+            ]
+            conds += [
+                self._cond("PodReadyToStartContainers", True),
+                self._cond("Initialized", self.initialized),
+                self._cond("ContainersReady", ready),
+                self._cond("Ready", ready),
+            ]
+            status = {
+                "phase": self.phase,
+                "conditions": conds,
+                "hostIP": "127.0.0.1",
+                "hostIPs": [{"ip": "127.0.0.1"}],
+                "podIP": "127.0.0.1",
+                "podIPs": [{"ip": "127.0.0.1"}],
+                "startTime": (self.pod.get("status") or {}).get("startTime") or now(),
+                "containerStatuses": cs,
+                "initContainerStatuses": ics,
+            }
         try:
             self.v1.patch_namespaced_pod_status(self.name, self.ns, {"status": status}, _content_type=MERGE)
         except ApiException as e:
@@ -98,9 +122,16 @@ class PodRunner:
 
     def _set(self, table, c, state, ready=False, restarts=None):
         old = table.get(c["name"]) or {}
-        st = {"name": c["name"], "image": c.get("image") or "", "imageID": "", "containerID":
-              f"proc://{self.uid}/{c['name']}", "ready": ready, "started": "running" in state,
-              "restartCount": old.get("restartCount", 0) if restarts is None else restarts, "state": state}
+        st = {
+            "name": c["name"],
+            "image": c.get("image") or "",
+            "imageID": "",
+            "containerID": f"proc://{self.uid}/{c['name']}",
+            "ready": ready,
+            "started": "running" in state,
+            "restartCount": old.get("restartCount", 0) if restarts is None else restarts,
+            "state": state,
+        }
         if restarts is not None and old.get("state", {}).get("terminated"):
             st["lastState"] = {"terminated": old["state"]["terminated"]}
         elif old.get("lastState"):
@@ -118,7 +149,7 @@ class PodRunner:
 
     def _write_items(self, dest, data, items):
         os.makedirs(dest, exist_ok=True)
-        for key, path in ([(i["key"], i["path"]) for i in items] if items else [(k, k) for k in data]):
+        for key, path in [(i["key"], i["path"]) for i in items] if items else [(k, k) for k in data]:
             if key in data:
                 p = os.path.join(dest, path)
                 os.makedirs(os.path.dirname(p), exist_ok=True)
@@ -130,15 +161,24 @@ class PodRunner:
         m = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
         if m:
             return (meta.get(m.group(1)) or {}).get(m.group(2), "")
-        return {"metadata.name": meta["name"], "metadata.namespace": self.ns, "metadata.uid": self.uid,
-                "spec.nodeName": self.agent.name, "spec.serviceAccountName": self.pod["spec"].get(
-                    "serviceAccountName", "default"), "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1",
-                }.get(path, "")
+        return {
+            "metadata.name": meta["name"],
+            "metadata.namespace": self.ns,
+            "metadata.uid": self.uid,
+            "spec.nodeName": self.agent.name,
+            "spec.serviceAccountName": self.pod["spec"].get("serviceAccountName", "default"),
+            "status.podIP": "127.0.0.1",
+            "status.hostIP": "127.0.0.1",
+        }.get(path, "")
 
     def _token(self, src):
-        body = {"spec": {"audiences": [src["audience"]] if src.get("audience") else None,
-                         "expirationSeconds": src.get("expirationSeconds", 3607),
-                         "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": self.name, "uid": self.uid}}}
+        body = {
+            "spec": {
+                "audiences": [src["audience"]] if src.get("audience") else None,
+                "expirationSeconds": src.get("expirationSeconds", 3607),
+                "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": self.name, "uid": self.uid},
+            }
+        }
         sa = self.pod["spec"].get("serviceAccountName") or "default"
         return self.v1.create_namespaced_service_account_token(sa, self.ns, body).status.token
 
@@ -148,7 +188,9 @@ class PodRunner:
         for vol in self.pod["spec"].get("volumes") or []:
             name, d = vol["name"], os.path.join(self.dir, "volumes", vol["name"])
             if "persistentVolumeClaim" in vol:
-                d = os.path.join(self.agent.workdir, "pvc", self.ns, vol["persistentVolumeClaim"]["claimName"])
+                d = os.path.join(
+                    self.agent.workdir, "pvc", self.ns, vol["persistentVolumeClaim"]["claimName"]
+                )
             elif "hostPath" in vol:
                 d = vol["hostPath"]["path"]
             elif "configMap" in vol or "secret" in vol:
@@ -159,8 +201,11 @@ class PodRunner:
             elif "projected" in vol:
                 for s in vol["projected"].get("sources") or []:
                     if "serviceAccountToken" in s:
-                        self._write_items(d, {"t": self._token(s["serviceAccountToken"])},
-                                          [{"key": "t", "path": s["serviceAccountToken"]["path"]}])
+                        self._write_items(
+                            d,
+                            {"t": self._token(s["serviceAccountToken"])},
+                            [{"key": "t", "path": s["serviceAccountToken"]["path"]}],
+                        )
                     elif "configMap" in s or "secret" in s:
                         kind = "configMap" if "configMap" in s else "secret"
                         data = self._get("secret" if kind == "secret" else "cm", s[kind]["name"])
@@ -168,8 +213,11 @@ class PodRunner:
                     elif "downwardAPI" in s:
                         for item in s["downwardAPI"].get("items") or []:
                             if "fieldRef" in item:
-                                self._write_items(d, {"v": self._field(item["fieldRef"]["fieldPath"])},
-                                                  [{"key": "v", "path": item["path"]}])
+                                self._write_items(
+                                    d,
+                                    {"v": self._field(item["fieldRef"]["fieldPath"])},
+                                    [{"key": "v", "path": item["path"]}],
+                                )
             os.makedirs(d, exist_ok=True)
             out[name] = d
         return out
@@ -177,9 +225,14 @@ class PodRunner:
     def _env(self, c, mapping):
         env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG",)}
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-        env.update({"HOSTNAME": self.name, "KUBERNETES_SERVICE_HOST": self.agent.api_host,
-                    "KUBERNETES_SERVICE_PORT": str(self.agent.api_port),
-                    "KUBERNETES_SERVICE_PORT_HTTPS": str(self.agent.api_port)})
+        env.update(
+            {
+                "HOSTNAME": self.name,
+                "KUBERNETES_SERVICE_HOST": self.agent.api_host,
+                "KUBERNETES_SERVICE_PORT": str(self.agent.api_port),
+                "KUBERNETES_SERVICE_PORT_HTTPS": str(self.agent.api_port),
+            }
+        )
         if SA_PATH in mapping:
             env["COPD_SA_DIR"] = mapping[SA_PATH]
         for ef in c.get("envFrom") or []:
@@ -224,7 +277,9 @@ class PodRunner:
                 os.makedirs(host, exist_ok=True)
                 mapping[m["mountPath"].rstrip("/") or "/"] = host.rstrip("/")
         env = self._env(c, mapping)
-        argv = [rewrite(expand_vars(a, env), mapping) for a in (c.get("command") or []) + (c.get("args") or [])]
+        argv = [
+            rewrite(expand_vars(a, env), mapping) for a in (c.get("command") or []) + (c.get("args") or [])
+        ]
         if not c.get("command"):
             raise RuntimeError("procnode needs an explicit command (images are ignored)")
         cwd = rewrite(c.get("workingDir") or "", mapping)
@@ -239,8 +294,15 @@ class PodRunner:
             with self.lock:
                 if self.stopping.is_set():
                     return 137
-                p = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                p = subprocess.Popen(
+                    argv,
+                    env=env,
+                    cwd=cwd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
                 self.procs[cname] = p
                 self._set(table, c, {"running": {"startedAt": started}}, ready=table is self.statuses)
             log.info("%s/%s: started %s pid %d: %s", self.ns, self.name, cname, p.pid, argv)
@@ -254,8 +316,13 @@ class PodRunner:
         if not msg and code != 0 and c.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             with open(logpath, errors="replace") as f:
                 msg = "".join(f.readlines()[-80:])[-2048:]
-        term = {"exitCode": code, "reason": "Completed" if code == 0 else "Error", "startedAt": started,
-                "finishedAt": now(), "containerID": f"proc://{self.uid}/{cname}"}
+        term = {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "startedAt": started,
+            "finishedAt": now(),
+            "containerID": f"proc://{self.uid}/{cname}",
+        }
         if msg:
             term["message"] = msg
         with self.lock:
@@ -271,8 +338,19 @@ class PodRunner:
             except Exception as e:  # noqa: BLE001 - a bad spec fails the container, not the agent
                 log.warning("%s/%s: container %s cannot start: %s", self.ns, self.name, c["name"], e)
                 with self.lock:
-                    self._set(table, c, {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(e),
-                                                        "startedAt": now(), "finishedAt": now()}})
+                    self._set(
+                        table,
+                        c,
+                        {
+                            "terminated": {
+                                "exitCode": 128,
+                                "reason": "StartError",
+                                "message": str(e),
+                                "startedAt": now(),
+                                "finishedAt": now(),
+                            }
+                        },
+                    )
                 code = 128
             if self.stopping.is_set() or policy == "Never" or (policy == "OnFailure" and code == 0):
                 return code
@@ -297,12 +375,18 @@ class PodRunner:
                     self._set(self.statuses, c, {"waiting": {"reason": "ContainerCreating"}})
             self.report()
             for c in spec.get("initContainers") or []:
-                if self._run_container(c, volumes, self.init_statuses, "OnFailure" if policy == "Always" else policy):
+                if self._run_container(
+                    c, volumes, self.init_statuses, "OnFailure" if policy == "Always" else policy
+                ):
                     self.phase = "Failed"
                     return
             self.initialized, self.phase = True, "Running"
-            threads = [threading.Thread(target=lambda c=c: self._run_container(c, volumes, self.statuses, policy),
-                                        daemon=True) for c in spec["containers"]]
+            threads = [
+                threading.Thread(
+                    target=lambda c=c: self._run_container(c, volumes, self.statuses, policy), daemon=True
+                )
+                for c in spec["containers"]
+            ]
             for t in threads:
                 t.start()
             for t in threads:
@@ -351,8 +435,12 @@ class PodRunner:
             self.phase = "Failed"
         self.report()
         try:
-            self.v1.delete_namespaced_pod(self.name, self.ns, grace_period_seconds=0,
-                                          body={"preconditions": {"uid": self.uid}, "gracePeriodSeconds": 0})
+            self.v1.delete_namespaced_pod(
+                self.name,
+                self.ns,
+                grace_period_seconds=0,
+                body={"preconditions": {"uid": self.uid}, "gracePeriodSeconds": 0},
+            )
         except ApiException as e:
             if e.status not in (404, 409):
                 log.warning("delete %s/%s: %s", self.ns, self.name, e.reason)
