@@ -47,7 +47,11 @@ bindirs() {
 }
 
 pid_of() { cat "$PIDS/$1.pid" 2>/dev/null || true; }
-alive() { local p; p="$(pid_of "$1")"; [[ -n "$p" ]] && kill -0 "$p" 2>/dev/null; }
+# alive NAME: its PID file names a live process that is still that component (not a reused PID)
+alive() {
+  local p; p="$(pid_of "$1")"
+  [[ -n "$p" ]] && kill -0 "$p" 2>/dev/null && tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -q -- "${1/procnode/procnode.py}"
+}
 port_busy() { ss -ltnH "sport = :$1" 2>/dev/null | grep -q .; }
 
 # start NAME PORT CMD...: start CMD in its own session unless NAME already runs

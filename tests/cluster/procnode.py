@@ -30,9 +30,12 @@ fresh, and for every pod bound to it (spec.nodeName=<name>):
   ["--out", "/ckpt/step-3"] run as ["--out", "<workdir>/pvc/<ns>/<claim>/step-3"].
 * service account: besides the rewrite of /var/run/secrets/kubernetes.io/
   serviceaccount, the env var COPD_SA_DIR points at the local token dir
-  (token, ca.crt, namespace); the kubernetes Python client's in-cluster
-  loader reads a fixed path, so use
+  (token, ca.crt, namespace, kubeconfig); the kubernetes Python client's
+  in-cluster loader reads a fixed path, so use
   `InClusterConfigLoader(token_filename=$COPD_SA_DIR/token, cert_filename=$COPD_SA_DIR/ca.crt)`.
+  KUBECONFIG is set to $COPD_SA_DIR/kubeconfig (the service account's token,
+  default namespace = the pod's), so clients that fall back from in-cluster
+  config to a kubeconfig (kopf, `load_kube_config()`) act as the pod's SA.
 * logs: stdout+stderr of each container go to
   <workdir>/<namespace>/<pod>/<container>.log (see pod_log_path()); there is
   no `kubectl logs` (no kubelet API).

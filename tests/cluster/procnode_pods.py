@@ -222,6 +222,22 @@ class PodRunner:
             out[name] = d
         return out
 
+    def _sa_kubeconfig(self, sa_dir):
+        """A kubeconfig for the pod's service account, for clients that fall back from in-cluster config."""
+        path = os.path.join(sa_dir, "kubeconfig")
+        with open(os.path.join(sa_dir, "token")) as f:
+            token = f.read().strip()
+        server = f"https://{self.agent.api_host}:{self.agent.api_port}"
+        with open(path, "w") as f:
+            f.write(
+                "apiVersion: v1\nkind: Config\n"
+                f"clusters: [{{name: local, cluster: {{server: '{server}', certificate-authority: '{sa_dir}/ca.crt'}}}}]\n"
+                f"users: [{{name: sa, user: {{token: '{token}'}}}}]\n"
+                f"contexts: [{{name: sa, context: {{cluster: local, user: sa, namespace: '{self.ns}'}}}}]\n"
+                "current-context: sa\n"
+            )
+        return path
+
     def _env(self, c, mapping):
         env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG",)}
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
@@ -235,6 +251,7 @@ class PodRunner:
         )
         if SA_PATH in mapping:
             env["COPD_SA_DIR"] = mapping[SA_PATH]
+            env["KUBECONFIG"] = self._sa_kubeconfig(mapping[SA_PATH])
         for ef in c.get("envFrom") or []:
             kind = "secret" if "secretRef" in ef else "cm"
             ref = ef.get("secretRef") or ef.get("configMapRef")

@@ -242,6 +242,10 @@ def test_process_node_service_account_token_and_pvc(cluster, namespace):
         " 'kind': 'SelfSubjectReview'})\n"
         "print('user', r.status.user_info.username, flush=True)\n"
         "open('/ckpt/step-1', 'w').write(open(d + '/namespace').read())\n"
+        "from kubernetes import config\n"
+        "api = client.AuthenticationV1Api(config.new_client_from_config())\n"  # KUBECONFIG = the SA's
+        "r = api.create_self_subject_review({'apiVersion': 'authentication.k8s.io/v1', 'kind': 'SelfSubjectReview'})\n"
+        "print('kubeconfig user', r.status.user_info.username, flush=True)\n"
     )
     apply(
         cluster,
@@ -261,10 +265,9 @@ def test_process_node_service_account_token_and_pvc(cluster, namespace):
     pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "ckpt", "mountPath": "/ckpt"}]
     apply(cluster, pod, namespace)
     wait_for("pod Succeeded", pod_phase(cluster, "sa", namespace, "Succeeded"), timeout=120)
-    assert (
-        f"user system:serviceaccount:{namespace}:default"
-        in cluster.log_path(namespace, "sa", "main").read_text()
-    )
+    log = cluster.log_path(namespace, "sa", "main").read_text()
+    assert f"user system:serviceaccount:{namespace}:default" in log
+    assert f"kubeconfig user system:serviceaccount:{namespace}:default" in log
     ckpt = cluster.procnode_workdir / "pvc" / namespace / "ckpt" / "step-1"
     assert ckpt.read_text() == namespace
 
