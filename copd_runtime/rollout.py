@@ -90,12 +90,24 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def forward_logits(policy: Policy, input_ids, attention_mask, vision: dict | None = None) -> torch.Tensor:
-    """Logits [N, L, V]. Text models get explicit position ids (left padding);
-    VLMs compute their own multimodal positions from the attention mask."""
+    """Logits [N, L, V]. Text models get explicit position ids (left padding).
+    VLMs compute their own multimodal (M-RoPE) positions from the ids, the attention
+    mask (pads on either side are skipped) and the grids, given the token types;
+    a VLM batch without media gets the text position ids. VLM logits of the vision
+    special tokens are masked (the policy never emits them)."""
     kwargs = dict(vision or {})
     if not policy.is_vlm:
         kwargs["position_ids"] = _position_ids(attention_mask)
-    return policy.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+        return policy.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+    from .vision_data import mask_vision_logits, mm_token_type_ids
+
+    cfg = policy.model.config
+    if "image_grid_thw" in kwargs or "video_grid_thw" in kwargs:
+        kwargs["mm_token_type_ids"] = mm_token_type_ids(cfg, input_ids)
+    else:
+        kwargs["position_ids"] = _position_ids(attention_mask)
+    logits = policy.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+    return mask_vision_logits(cfg, logits)
 
 
 def sequence_logprobs(policy: Policy, r: Rollout, temperature: float) -> torch.Tensor:
@@ -113,10 +125,16 @@ def sample(
     policy.model.eval()
     enc = encode_prompts(policy, examples)
     prompt_ids, prompt_mask = enc.pop("input_ids"), enc.pop("attention_mask")
+    gen_kwargs = dict(enc)
+    if policy.is_vlm:  # token types for M-RoPE; never sample vision special tokens (see forward_logits)
+        from .vision_data import mm_token_type_ids, vision_token_ids
+
+        gen_kwargs["mm_token_type_ids"] = mm_token_type_ids(policy.model.config, prompt_ids)
+        gen_kwargs["suppress_tokens"] = list(vision_token_ids(policy.model.config).values())
     out = policy.model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
-        **enc,
+        **gen_kwargs,
         do_sample=not greedy,
         temperature=temperature if not greedy else None,
         top_k=0 if not greedy else None,
@@ -137,6 +155,10 @@ def sample(
     resp_mask &= (torch.arange(R).unsqueeze(0) < R).long()
     truncated = ~is_eos.any(1)
     logits = torch.stack(out.logits, dim=1)  # [N, R, V], before temperature
+    if policy.is_vlm:
+        from .vision_data import mask_vision_logits
+
+        logits = mask_vision_logits(policy.model.config, logits)
     beh = token_logprobs_B_T(logits, gen, 1.0 if greedy else temperature)
     input_ids = torch.cat([prompt_ids, gen], 1)
     attention_mask = torch.cat([prompt_mask, resp_mask], 1)
