@@ -186,7 +186,14 @@ def test_fail_annotation_fails_pod_on_kwok_node(cluster, namespace):
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": "doomed", "annotations": {"kwok.copd.io/fail": "true"}},
+        "metadata": {
+            "name": "doomed",
+            "annotations": {
+                "kwok.copd.io/fail": "true",
+                "kwok.copd.io/exit-code": "7",
+                "kwok.copd.io/duration": "3s",
+            },
+        },
         "spec": {
             "restartPolicy": "Never",
             "nodeSelector": {"type": "kwok"},
@@ -197,9 +204,12 @@ def test_fail_annotation_fails_pod_on_kwok_node(cluster, namespace):
         },
     }
     apply(cluster, pod, namespace)
+    wait_for("pod Running", pod_phase(cluster, "doomed", namespace, "Running"))
+    t0 = time.time()
     p = wait_for("pod Failed", pod_phase(cluster, "doomed", namespace, "Failed"))
+    assert time.time() - t0 > 1.5, "kwok.copd.io/duration should delay the failure"
     assert p["spec"]["nodeName"].startswith("kwok-gpu-")
-    assert p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 1
+    assert p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 7
 
 
 def test_process_node_runs_pod_and_reports_termination_message(cluster, namespace):
