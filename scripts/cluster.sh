@@ -59,7 +59,9 @@ start() {
   local name="$1" port="$2"; shift 2
   if alive "$name"; then return 0; fi
   if [[ "$port" != - ]] && port_busy "$port"; then
-    die "port $port (for $name) is in use by a process this cluster did not start; stop it or set COPD_*_PORT (see scripts/cluster.sh header)"
+    die "port $port (for $name) is in use by a process this cluster ($ST) did not start:
+$(ss -ltnpH "sport = :$port" 2>/dev/null)
+stop it (another clone's cluster: its scripts/cluster.sh down) or set COPD_*_PORT (see scripts/cluster.sh header)"
   fi
   log "starting $name"
   setsid nohup "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null &
