@@ -1,0 +1,79 @@
+"""`copd-operator`: run the CoPD operator (kopf) against the current kubeconfig or in-cluster credentials.
+
+    copd-operator --namespace team-a [--namespace team-b] | --all-namespaces
+                  [--metrics-port 9090] [--hub-address service|pod-ip]
+                  [--trainer-command "copd"] [--workers 4] [--resync-seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+
+from .builders import OperatorConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="copd-operator", description=__doc__.splitlines()[0])
+    scope = p.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--namespace", "-n", action="append", help="Watch this namespace (repeatable).")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="Watch every namespace.")
+    p.add_argument("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics on this port.")
+    p.add_argument("--hub-address", choices=["service", "pod-ip"], default="service",
+                   help="How OPD trainers reach the hub: its Service's DNS name (a real cluster) or its pod IP "
+                        "(clusters without Service routing, e.g. the test process node).")
+    p.add_argument("--trainer-command", default="copd",
+                   help="Command prefix of the `copd` entry points in pods (shell words).")
+    p.add_argument("--trainer-service-account", default="copd-trainer",
+                   help="ServiceAccount of trainer/hub/merge pods (created in the run's namespace if missing).")
+    p.add_argument("--checkpoint-every", type=int, default=2, help="Trainers checkpoint every N steps.")
+    p.add_argument("--workers", type=int, default=4, help="Runs reconciled in parallel.")
+    p.add_argument("--resync-seconds", type=float, default=3.0, help="Reconcile every known run this often.")
+    p.add_argument("--pod-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="Extra environment for every pod the operator makes (repeatable).")
+    p.add_argument("--verbose", "-v", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not a.verbose:
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event otherwise
+    import kopf
+    from kubernetes import client, config
+    from prometheus_client import start_http_server
+
+    from copd_runtime.metrics import CoPDMetrics
+
+    from . import handlers
+    from .gather import Apis
+    from .reconcile import Reconciler
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    cfg = OperatorConfig(
+        trainer_command=tuple(shlex.split(a.trainer_command)),
+        hub_address=a.hub_address,
+        checkpoint_every=a.checkpoint_every,
+        trainer_service_account=a.trainer_service_account,
+        extra_env=dict(kv.split("=", 1) for kv in a.pod_env),
+    )
+    metrics = CoPDMetrics()
+    if a.metrics_port is not None:
+        start_http_server(a.metrics_port, registry=metrics.registry)
+    from .workqueue import WorkQueue
+
+    handlers.STATE.update(queue=WorkQueue(), reconciler=Reconciler(Apis(client.ApiClient()), cfg, metrics),
+                          workers=a.workers, resync_s=a.resync_seconds)
+    kopf.run(standalone=True, clusterwide=a.all_namespaces, namespaces=a.namespace or [])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

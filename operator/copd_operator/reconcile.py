@@ -1,0 +1,133 @@
+"""One reconcile of one CoPDRun: gather -> decide -> write status (once, if changed) -> act -> events.
+
+    gather(run + children)            gather.py      (reads)
+      -> observe(...) : Observed      observe.py     (pure)
+      -> decide(spec, status, ...)    copd_runtime.cycle (pure, shared with `copd run`)
+      -> write status                 act.py         (one PUT, only when it changed)
+      -> plan(...) : [ops]            plan.py        (pure)
+      -> apply ops, then Events       act.py         (writes)
+
+Everything starts from the CoPDRun's status and the children that exist, so any
+reconcile may be the first after an operator restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from kubernetes.client.rest import ApiException
+
+from copd_runtime.cycle import (
+    COND_FAILED,
+    COND_PROGRESSING,
+    R_INVALID_SPEC,
+    TERMINAL,
+    Event,
+    Phase,
+    RunStatus,
+    decide,
+    iso,
+    set_condition,
+)
+from copd_runtime.metrics import CoPDMetrics
+from copd_runtime.spec import SpecError, parse_manifest
+
+from .act import apply_ops, create, write_run_status
+from .builders import OperatorConfig, RunRef, build_event
+from .gather import Apis, gather
+from .observe import observe
+from .plan import Create, missing_branches, plan
+
+log = logging.getLogger("copd_operator.reconcile")
+
+
+class Conflict(Exception):
+    """Someone else wrote the run between our read and our write: reconcile again."""
+
+
+def fail_unparsable(status: RunStatus, message: str, now: datetime, gen: int) -> tuple[RunStatus, list]:
+    """A spec the apiserver admitted but pydantic refuses (schema drift): decide() needs a spec, so fail here."""
+    s = status.model_copy(deep=True)
+    s.observed_generation = gen
+    if s.phase in TERMINAL:
+        return s, []
+    ended = s.phase.value
+    s.phase, s.stage, s.completion_time = Phase.FAILED, None, iso(now)
+    s.conditions = set_condition(s.conditions, COND_FAILED, "True", R_INVALID_SPEC, message, now, gen)
+    s.conditions = set_condition(s.conditions, COND_PROGRESSING, "False", R_INVALID_SPEC, message, now, gen)
+    return s, [Event("Warning", R_INVALID_SPEC, message, ended=ended, started=Phase.FAILED.value)]
+
+
+class Reconciler:
+    def __init__(self, apis: Apis, cfg: OperatorConfig, metrics: CoPDMetrics,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+        self.apis, self.cfg, self.metrics, self.clock = apis, cfg, metrics, clock
+
+    def reconcile(self, namespace: str, name: str) -> bool:
+        """Returns False when the run is gone (the caller forgets it)."""
+        snap = gather(self.apis, namespace, name, self.cfg.trainer_service_account)
+        if snap is None:
+            self.metrics.forget_run(namespace, name)
+            return False
+        obj = snap.run
+        md = obj["metadata"]
+        gen = int(md.get("generation", 0))
+        now = self.clock()
+        old = obj.get("status") or {}
+        status = RunStatus.model_validate(old)
+        try:
+            manifest = parse_manifest({"apiVersion": obj["apiVersion"], "kind": obj["kind"],
+                                       "metadata": {"name": md["name"], "namespace": namespace},
+                                       "spec": obj.get("spec") or {}})
+        except SpecError as e:
+            new, actions = fail_unparsable(status, str(e), now, gen)
+            self._write(obj, old, new)
+            self._events(RunRef(name, namespace, md["uid"], None), actions, now)  # type: ignore[arg-type]
+            return True
+        run = RunRef(name, namespace, md["uid"], manifest.spec)
+
+        if status.phase not in TERMINAL:
+            for branch in missing_branches(run, snap):
+                made = create(self.apis, namespace, branch)
+                if made is not None:
+                    snap.branches[branch["spec"]["branch"]] = made
+
+        observed = observe(run.spec, status, snap)
+        new, actions = decide(run.spec, status, observed, now, gen)
+        self._write(obj, old, new)
+        ops = plan(run, self.cfg, new, actions, snap, now, gen)
+        apply_ops(self.apis, namespace, [op for op in ops if not _is_event(op)])
+        self._events(run, actions, now)
+        return True
+
+    def _write(self, obj: dict, old: dict, new: RunStatus) -> None:
+        md = obj["metadata"]
+        body = new.to_k8s()
+        if body != old:
+            try:
+                write_run_status(self.apis, obj, body)
+            except ApiException as e:
+                if e.status == 409:
+                    raise Conflict(f"{md['namespace']}/{md['name']}") from None
+                raise
+        self.metrics.set_status(md["namespace"], md["name"], body)
+
+    def _events(self, run: RunRef, actions: list, now: datetime) -> None:
+        n = 0
+        for a in actions:
+            if not isinstance(a, Event):
+                continue
+            self.metrics.transition(a.ended, a.started, a.duration_s)
+            log.info("%s/%s %s: %s", run.namespace, run.name, a.reason, a.message)
+            try:
+                create(self.apis, run.namespace,
+                       build_event(run, a.type, a.reason, a.message, iso(now), f"{int(now.timestamp() * 1000):x}{n}"))
+            except ApiException as e:  # events are best effort; the transition is in the status already
+                log.warning("cannot record event %s: %s", a.reason, e.reason)
+            n += 1
+
+
+def _is_event(op) -> bool:
+    return isinstance(op, Create) and op.obj.get("kind") == "Event"

@@ -1,0 +1,125 @@
+"""A small controller work queue: keys are (namespace, run); one key is never reconciled twice at once.
+
+Watch events add keys (deduplicated while waiting); workers take them; a key
+added while it is being reconciled is run again afterwards. A resync adds
+every known key every `resync_s`, which makes the loop level-based even if an
+event is missed. (kopf's own daemons/timers would need a finalizer on every
+CoPDRun; this queue needs none, so deleting a run never waits for the operator.)
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("copd_operator.queue")
+
+Key = tuple[str, str]
+
+
+class WorkQueue:
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._ready: list[Key] = []
+        self._waiting: set[Key] = set()
+        self._processing: set[Key] = set()
+        self._again: set[Key] = set()
+        self._delayed: list[tuple[float, Key]] = []
+        self.known: set[Key] = set()
+        self._closed = False
+
+    def add(self, key: Key, delay: float = 0.0) -> None:
+        with self._cv:
+            self.known.add(key)
+            if delay > 0:
+                heapq.heappush(self._delayed, (time.monotonic() + delay, key))
+            elif key in self._processing:
+                self._again.add(key)
+            elif key not in self._waiting:
+                self._waiting.add(key)
+                self._ready.append(key)
+            self._cv.notify()
+
+    def forget(self, key: Key) -> None:
+        with self._cv:
+            self.known.discard(key)
+
+    def get(self, timeout: float = 1.0) -> Key | None:
+        with self._cv:
+            deadline = time.monotonic() + timeout
+            while not self._closed:
+                now = time.monotonic()
+                while self._delayed and self._delayed[0][0] <= now:
+                    _, key = heapq.heappop(self._delayed)
+                    if key not in self._waiting and key not in self._processing:
+                        self._waiting.add(key)
+                        self._ready.append(key)
+                    elif key in self._processing:
+                        self._again.add(key)
+                if self._ready:
+                    key = self._ready.pop(0)
+                    self._waiting.discard(key)
+                    self._processing.add(key)
+                    return key
+                if now >= deadline:
+                    return None
+                wait = deadline - now
+                if self._delayed:
+                    wait = min(wait, max(0.0, self._delayed[0][0] - now))
+                self._cv.wait(wait)
+            return None
+
+    def done(self, key: Key) -> None:
+        with self._cv:
+            self._processing.discard(key)
+            if key in self._again:
+                self._again.discard(key)
+                self._waiting.add(key)
+                self._ready.append(key)
+                self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+
+class Workers:
+    """`n` threads running `work(key)`; `work` returns False to forget the key, raises to retry later."""
+
+    def __init__(self, queue: WorkQueue, work: Callable[[Key], bool], n: int, resync_s: float,
+                 on_error: Callable[[Key, BaseException], float]):
+        self.queue, self.work, self.on_error = queue, work, on_error
+        self.resync_s = resync_s
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, name=f"copd-worker-{i}", daemon=True) for i in range(n)]
+        self._threads.append(threading.Thread(target=self._resync, name="copd-resync", daemon=True))
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.queue.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            key = self.queue.get(timeout=1.0)
+            if key is None:
+                continue
+            try:
+                if not self.work(key):
+                    self.queue.forget(key)
+            except BaseException as e:  # noqa: BLE001 - a reconcile error must not kill the worker
+                self.queue.add(key, delay=self.on_error(key, e))
+            finally:
+                self.queue.done(key)
+
+    def _resync(self) -> None:
+        while not self._stop.wait(self.resync_s):
+            for key in list(self.queue.known):
+                self.queue.add(key)
