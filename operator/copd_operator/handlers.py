@@ -14,7 +14,7 @@ from kubernetes.client.rest import ApiException
 
 from .naming import GROUP, LABEL_RUN, RUN_PLURAL, VERSION
 from .reconcile import Conflict, Reconciler
-from .workqueue import Key, WorkQueue, Workers
+from .workqueue import Key, Workers, WorkQueue
 
 log = logging.getLogger("copd_operator")
 
