@@ -116,6 +116,14 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
+BUILTIN_VERSION = "v1"  # bump when a builtin builder changes what it makes
+
+
+def _builtin_cache() -> Path:
+    """Builtin models are deterministic: build each once per machine, copy into each run's storage."""
+    return Path(os.environ.get("COPD_MODEL_CACHE", Path.home() / ".cache" / "copd-operator" / "models"))
+
+
 def resolve_model_dir(uri: str, storage: Path) -> Path:
     """Turn a model URI into a local directory, building a builtin model if needed."""
     if uri.startswith("builtin://"):
@@ -124,10 +132,14 @@ def resolve_model_dir(uri: str, storage: Path) -> Path:
             raise ValueError(f"unknown builtin model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
         target = storage / "base-models" / name
         if not (target / "config.json").exists():
-            from .tiny_models import build_builtin  # heavy: only when asked for
+            cached = _builtin_cache() / f"{name}-{BUILTIN_VERSION}"
+            if not (cached / "config.json").exists():
+                from .tiny_models import build_builtin  # heavy: only when asked for
 
+                with atomic_dir(cached) as tmp:
+                    build_builtin(name, tmp)
             with atomic_dir(target) as tmp:
-                build_builtin(name, tmp)
+                shutil.copytree(cached, tmp, dirs_exist_ok=True)
         return target
     if uri.startswith("storage://"):
         return storage / uri.removeprefix("storage://")
