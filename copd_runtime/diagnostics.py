@@ -6,8 +6,6 @@ Pure: torch maths and plain data, no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 

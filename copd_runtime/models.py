@@ -23,7 +23,6 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
 )
-
 from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()  # one bar per checkpoint load/save drowns the run's own progress
