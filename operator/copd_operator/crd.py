@@ -39,13 +39,12 @@ RUN_SPEC_RULES: dict[tuple[str, ...], list[dict]] = {
     (): [
         {   # CoPDRunSpec._cross_field: duplicate names
             "rule": "self.branches.all(b, self.branches.exists_one(c, c.name == b.name))",
-            "message": "branches: duplicate branch names", "fieldPath": ".branches", "reason": "FieldValueDuplicate",
+            "message": "branches: duplicate branch names", "fieldPath": ".branches",
         },
         {   # hub-and-spoke needs a hub
             "rule": "!has(self.opd) || !has(self.opd.topology) || self.opd.topology != 'hub-and-spoke' "
                     "|| has(self.opd.hub)",
             "message": "opd.hub: required when opd.topology is hub-and-spoke", "fieldPath": ".opd.hub",
-            "reason": "FieldValueRequired",
         },
         {   # the hub must be a branch
             "rule": "!has(self.opd) || !has(self.opd.hub) || self.branches.exists(b, b.name == self.opd.hub)",

@@ -1,0 +1,80 @@
+"""Admission on the real apiserver: the generated schema + CEL rules accept the example exactly as
+`copd run` does and refuse bad manifests with a message naming the field; what only the operator
+can judge ends as a Failed condition."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+from test_operator_kwok import ROOT, Api, Operator, apply_crds, apply_doc, example, wait_for
+
+# (mutation of spec, text the apiserver's message must contain)
+BAD = {
+    # same name, other data (an identical item is refused even earlier, as "Duplicate value")
+    "duplicate branch": (lambda s: s["branches"].append({**copy.deepcopy(s["branches"][0]),
+                                                         "dataset": {"builtin": "color"}}), "duplicate branch names"),
+    "hub missing": (lambda s: s["opd"].update(topology="hub-and-spoke"), "opd.hub"),
+    "hub not a branch": (lambda s: s["opd"].update(topology="hub-and-spoke", hub="nope"), "opd.hub"),
+    "weights unknown": (lambda s: s["merge"].update(weights={"nope": 1.0}), "merge.weights"),
+    "minCycles > cycles": (lambda s: s["mergeReadiness"].update(minCycles=9), "mergeReadiness.minCycles"),
+    "two dataset sources": (lambda s: s["branches"][0]["dataset"].update(path="x.jsonl"),
+                            "exactly one of `builtin` or `path`"),
+    "no steps": (lambda s: s["schedule"].update(rlStepsPerCycle=0, opdStepsPerCycle=0), "cannot both be 0"),
+    "bad scheme": (lambda s: s["baseModel"].update(uri="hf://Qwen/x"), "baseModel.uri"),
+    "unknown field": (lambda s: s["rl"].update(learningRat=0.1), "learningRat"),
+    "out of range": (lambda s: s["rl"].update(clipEpsLow=1.5), "spec.rl.clipEpsLow"),
+    "bad enum": (lambda s: s["opd"].update(topology="ring"), "spec.opd.topology"),
+    "bad branch name": (lambda s: s["branches"][0].update(name="Bad_Name"), "spec.branches[0].name"),
+    "one branch": (lambda s: s.update(branches=s["branches"][:1]), "spec.branches"),
+}
+
+
+def _dry_run(cluster, ns, doc):
+    return cluster.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=yaml.safe_dump(doc), check=False)
+
+
+@pytest.mark.cluster
+def test_admission_accepts_the_example_and_names_bad_fields(cluster, namespace):
+    apply_crds(cluster)
+    p = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(ROOT / "examples/copdrun.yaml"),
+                        check=False)
+    assert p.returncode == 0, p.stderr
+    failures = []
+    for case, (mutate, needle) in BAD.items():
+        doc = example()
+        mutate(doc["spec"])
+        p = _dry_run(cluster, namespace, doc)
+        if p.returncode == 0 or needle not in p.stderr:
+            failures.append(f"{case}: rc={p.returncode} {p.stderr.strip()[:300]}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.cluster
+def test_immutable_fields_and_operator_judged_spec(cluster, namespace, tmp_path):
+    apply_crds(cluster)
+    api = Api(cluster)
+    doc = example()
+    doc["spec"]["storage"]["claimName"] = "no-such-claim"
+    apply_doc(cluster, namespace, doc)
+    for patch, needle in [({"spec": {"baseModel": {"uri": "builtin://tiny-qwen3-vl"}}}, "baseModel: immutable"),
+                          ({"spec": {"seed": 7}}, "seed: immutable")]:
+        p = cluster.kubectl("patch", "copdrun", "demo", "-n", namespace, "--type", "merge", "-p", json.dumps(patch),
+                            check=False)
+        assert p.returncode != 0 and needle in p.stderr, p.stderr
+    # mutable fields still change (e.g. suspend, schedule)
+    cluster.kubectl("patch", "copdrun", "demo", "-n", namespace, "--type", "merge",
+                    "-p", json.dumps({"spec": {"schedule": {"cycles": 5}}}))
+
+    op = Operator(cluster, namespace, tmp_path).start()
+    try:
+        st = wait_for(lambda: (s := api.run(namespace, "demo").get("status") or {}).get("phase") == "Failed" and s,
+                      60, "Failed")
+        failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+        assert failed["status"] == "True" and failed["reason"] == "InvalidSpec"
+        assert "storage.claimName" in failed["message"] and "no-such-claim" in failed["message"]
+        assert not api.jobs(namespace)
+    finally:
+        op.stop()
