@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from copd_runtime.data import load_dataset
+from copd_runtime.data import load_dataset, text_examples
 from copd_runtime.grpo import grpo_step
 from copd_runtime.hub import InProcessHub, decode_request, encode_request
 from copd_runtime.models import Policy, load_policy, save_policy
@@ -127,6 +127,14 @@ def test_behaviour_logprobs_match_recomputation_on_images_and_video(policy, data
     with torch.no_grad():
         lp_sub = sequence_logprobs(policy, sub, 1.0)
     assert (lp_sub - lp[rows])[sub.response_mask.bool()].abs().max().item() < 1e-4
+
+    # a text-only batch (no grids: 1-D positions) and a batch mixing text, image and video rows
+    text = text_examples("arith", 4, 0)
+    for batch in (text, text[:2] + _mixed(datasets, 1)):
+        rt = sample(policy, batch, max_new_tokens=6, temperature=1.0)
+        with torch.no_grad():
+            lpt = sequence_logprobs(policy, rt, 1.0)
+        assert (lpt - rt.old_logprobs)[rt.response_mask.bool()].abs().max().item() < 1e-4
 
     # the check can fail: plain 1-D positions (no M-RoPE index) give other log-probs
     with torch.no_grad():
