@@ -284,3 +284,28 @@ def test_operator_killed_mid_run_restarts_without_duplicates(cluster, namespace,
         assert len(started) == len(set(started)) >= 3 * 3 - 2, started
     finally:
         op.stop()
+
+
+@pytest.mark.cluster
+def test_operator_suspend_then_resume(cluster, namespace, tmp_path):
+    apply_crds(cluster)
+    api = Api(cluster)
+    op = Operator(cluster, namespace, tmp_path).start()
+    try:
+        doc = example(tolerations=[KWOK_TOLERATION], nodeSelector=GPU_NODE_SELECTOR)
+        doc["spec"]["schedule"]["cycles"] = 1
+        doc["spec"]["mergeReadiness"]["minCycles"] = 1
+        doc["spec"]["suspend"] = True
+        apply_doc(cluster, namespace, doc)
+        wait_for(lambda: (api.run(namespace, "demo").get("status") or {}).get("phase") == "Suspended", 30,
+                 "Suspended")
+        time.sleep(3)
+        assert not api.jobs(namespace), "a suspended run starts no work"
+        cluster.kubectl("patch", "copdrun", "demo", "-n", namespace, "--type", "merge",
+                        "-p", '{"spec": {"suspend": false}}')
+        st = wait_for(lambda: (s := api.run(namespace, "demo").get("status") or {}).get("phase")
+                      in ("Succeeded", "Failed") and s, 120, "the run to end")
+        assert st["phase"] == "Succeeded", (st, op.tail())
+        assert any(c["type"] == "Progressing" and c["reason"] == "Merged" for c in st["conditions"])
+    finally:
+        op.stop()
