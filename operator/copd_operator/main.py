@@ -1,7 +1,7 @@
 """`copd-operator`: run the CoPD operator (kopf) against the current kubeconfig or in-cluster credentials.
 
     copd-operator --namespace team-a [--namespace team-b] | --all-namespaces
-                  [--metrics-port 9090] [--hub-address service|pod-ip]
+                  [--metrics-port 9090] [--health-port 8081] [--hub-address service|pod-ip]
                   [--trainer-command "copd"] [--workers 4] [--resync-seconds 3]
 """
 
@@ -21,6 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     scope.add_argument("--namespace", "-n", action="append", help="Watch this namespace (repeatable).")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="Watch every namespace.")
     p.add_argument("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics on this port.")
+    p.add_argument("--health-port", type=int, default=None,
+                   help="Serve /healthz and /readyz (liveness/readiness probes) on this port.")
     p.add_argument("--hub-address", choices=["service", "pod-ip"], default="service",
                    help="How OPD trainers reach the hub: its Service's DNS name (a real cluster) or its pod IP "
                         "(clusters without Service routing, e.g. the test process node).")
@@ -71,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers.STATE.update(queue=WorkQueue(), reconciler=Reconciler(Apis(client.ApiClient()), cfg, metrics),
                           workers=a.workers, resync_s=a.resync_seconds)
+    if a.health_port is not None:
+        from . import health
+
+        health.install(handlers.STATE, a.health_port)
     kopf.run(standalone=True, clusterwide=a.all_namespaces, namespaces=a.namespace or [])
     return 0
 
