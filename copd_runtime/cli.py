@@ -239,5 +239,18 @@ def merge(manifest: ManifestOpt, storage: StorageOpt, output: Annotated[Path | N
     _report({"merged": True, "path": str(out)}, report_file)
 
 
+@app.command()
+def compare(
+    spec: Path,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Comparison directory.")],
+    jobs: Annotated[int, typer.Option(help="Worker processes (one torch thread each).")] = 1,
+    pilot: Annotated[bool, typer.Option("--pilot/--no-pilot", help="Also run the overlap-vs-gain pilot.")] = True,
+) -> None:
+    """CoPD vs experts, mixed RLVR, static OPD and ablations at one optimizer-step budget (docs/science.md)."""
+    from .compare import main
+
+    main(spec, output, jobs, pilot)
+
+
 if __name__ == "__main__":
     app()

@@ -472,3 +472,11 @@ def _pilot_path(out: Path, domain: str, seed: int) -> Path:
 def base_eval(spec: CompareSpec, out: Path) -> dict[str, float]:
     ctx = _CTX if _CTX is not None and _CTX.spec == spec else Ctx(spec, Path(out) / "storage")
     return ctx.base_eval
+
+
+def main(spec_path: Path, output: Path, jobs: int = 1, pilot: bool = True) -> dict:
+    """Entry point of `copd compare`: run, then print the table."""
+    spec = load_compare_spec(spec_path)
+    doc = run_comparison(spec, output, jobs=jobs, pilot=pilot)
+    print((Path(output) / "comparison.md").read_text())
+    return doc

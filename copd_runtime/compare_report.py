@@ -174,18 +174,21 @@ def _cycle_curves(out: Path, method: str, seeds: list[int]) -> dict | None:
     names = list(runs[0]["cycles"][0]["branches"])
     res: dict = {"cycle": cyc}
     for b in names:
-        def mean_at(i, f):
-            vals = [v for r in runs if (v := f(r["cycles"][i])) is not None]
-            return statistics.fmean(vals) if vals else float("nan")
-        res[b] = {
-            "overlap": [mean_at(i, lambda c: statistics.fmean(x["topk_overlap"] for x in c["directions"]
-                                                            if x["student"] == b)) for i in range(len(cyc))],
-            "symkl": [mean_at(i, lambda c: statistics.fmean(x["symmetric_kl"] for x in c["directions"]
-                                                          if x["student"] == b)) for i in range(len(cyc))],
-            "own_eval": [mean_at(i, lambda c: c["branches"][b]["own_eval"]) for i in range(len(cyc))],
-            "rl_reward": [mean_at(i, lambda c: c["branches"][b]["rl_reward"]) for i in range(len(cyc))],
-        }
+        res[b] = {key: [_mean_over_runs(runs, i, b, key) for i in range(len(cyc))]
+                  for key in ("overlap", "symkl", "own_eval", "rl_reward")}
     return res
+
+
+def _cycle_value(c: dict, b: str, key: str) -> float | None:
+    if key in ("overlap", "symkl"):
+        field = "topk_overlap" if key == "overlap" else "symmetric_kl"
+        return statistics.fmean(x[field] for x in c["directions"] if x["student"] == b)
+    return c["branches"][b][key]
+
+
+def _mean_over_runs(runs: list[dict], i: int, b: str, key: str) -> float:
+    vals = [v for r in runs if (v := _cycle_value(r["cycles"][i], b, key)) is not None]
+    return statistics.fmean(vals) if vals else float("nan")
 
 
 def plot_alignment(spec: CompareSpec, out: Path, path: Path) -> Path:
@@ -200,7 +203,7 @@ def plot_alignment(spec: CompareSpec, out: Path, path: Path) -> Path:
         for bi, b in enumerate(spec.domains):
             for ax, key in zip(axes, titles):
                 ax.plot(c["cycle"], c[b][key], ls, marker="o", color=f"C{bi}", label=f"{method}: {b}")
-    for ax, (key, t) in zip(axes, titles.items()):
+    for ax, t in zip(axes, titles.values()):
         ax.set_title(t, fontsize=9)
         ax.set_xlabel("cycle (experts: same step boundaries, no OPD)")
     axes[0].legend(fontsize=7)
