@@ -11,4 +11,6 @@ RUN pip install ".[operator]" \
  && useradd --uid 65532 --create-home --shell /usr/sbin/nologin copd
 USER 65532:65532
 ENTRYPOINT ["copd-operator"]
-CMD ["--all-namespaces", "--metrics-port", "8080"]
+# The Helm chart passes its own args (same ports by default: metrics 9090, /healthz+/readyz 8081).
+EXPOSE 9090 8081
+CMD ["--all-namespaces", "--metrics-port", "9090", "--health-port", "8081"]
