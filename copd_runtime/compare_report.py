@@ -13,6 +13,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .compare import CompareSpec, base_eval  # noqa: E402
 
+NOTES = {
+    "experts": "K RL-only models; expert k scored on domain k (oracle routing, not one policy)",
+    "experts_merged": "linear average of the RL-only experts: merge without any OPD",
+    "mixed_rlvr": "one policy, GRPO on batches drawn from all domains",
+    "static_opd": "experts to the end (C·S_RL RL steps each), then the base distils from all of them",
+    "copd": "mutual mesh OPD every cycle, teachers frozen at OPD start, linear merge",
+    "copd_oneway": "only the first branch distils (from the others); the others spend OPD slots on RL; merged",
+    "copd_oneshot": "all RL first, then one mutual OPD phase; merged",
+}
+
 
 def _std(xs: list[float]) -> float:
     return statistics.pstdev(xs) if len(xs) > 1 else 0.0
@@ -39,7 +49,7 @@ def aggregate(spec: CompareSpec, out: Path) -> dict:
             "avg_range": [round(min(avgs), 4), round(max(avgs), 4)],
             "updates": runs[0]["updates"], "rl_updates": runs[0]["rl_updates"],
             "opd_updates": runs[0]["opd_updates"], "rollouts": runs[0]["rollouts"],
-            "schedule": runs[0].get("schedule"), "note": runs[0].get("note", ""),
+            "schedule": runs[0].get("schedule"), "note": NOTES.get(name, f"copd with S_RL:S_OPD = {name[5:]}" if name.startswith("copd@") else ""),
         }
     return methods
 
