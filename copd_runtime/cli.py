@@ -45,6 +45,18 @@ def _manifest(path: Path):
         raise typer.Exit(2) from None
 
 
+def _torch_threads() -> None:
+    """Intra-op threads for torch (COPD_TORCH_THREADS, default 1). On GPU they barely matter;
+    on a shared CPU, small models run several times faster on one thread than on two that
+    fight other processes (a GRPO step of the tiny model: 0.05 s vs 0.45 s on a loaded
+    2-core machine)."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, int(os.environ.get("COPD_TORCH_THREADS", "1"))))
+
+
 def _report(obj: dict, report_file: Path | None) -> None:
     line = json.dumps(obj)
     print(line, flush=True)
@@ -75,6 +87,7 @@ def run(
     import time
 
     m = _manifest(manifest)
+    _torch_threads()
     from .metrics import CoPDMetrics
     from .progress import Progress
     from .runner import LocalRun
@@ -151,6 +164,7 @@ def stage(
     from .trainer import run_branch_stage
 
     m = _manifest(manifest)
+    _torch_threads()
     if branch not in [b.name for b in m.spec.branches]:
         _report({"failed": True, "message": f"unknown branch {branch!r}"}, report_file)
         raise typer.Exit(2)
@@ -193,6 +207,7 @@ def hub(
     from .trainer import stage_start_model
 
     m = _manifest(manifest)
+    _torch_threads()
     spec = m.spec
     snaps = {b.name: stage_start_model(spec, storage, b.name, cycle, "OPD") for b in spec.branches}
     h = InProcessHub(snaps, spec.rl.temperature, spec.base_model.kind)
@@ -212,6 +227,7 @@ def diagnose(manifest: ManifestOpt, storage: StorageOpt, cycle: Annotated[int, t
     from .runner import LocalRun
 
     m = _manifest(manifest)
+    _torch_threads()
     lr = LocalRun(m, storage, on_event=lambda s: print(s, file=sys.stderr))
     rows = run_diagnose(m.spec, lr.final_model_dirs(), lr.datasets, cycle)
     path = storage / "diagnostics" / f"cycle-{cycle:03d}.json"

@@ -37,11 +37,17 @@ def policy_update(
     rl: RLSpec,
 ) -> dict[str, float]:
     """The clipped update shared by RL and OPD, over `rl.miniBatches` slices of the batch."""
+    stats = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 1.0, "skipped": 0.0}
+    if not bool((advantages_N_T * loss_mask_N_T).abs().gt(0).any()):
+        # No signal (uniform groups, or a teacher identical to the student): an optimizer
+        # step on a zero gradient would still move the weights through Adam's momentum.
+        stats["skipped"] = 1.0
+        return stats
     policy.model.train()
     n = len(rollout)
     order = list(range(n))
     chunks = [order[i :: rl.mini_batches] for i in range(rl.mini_batches) if order[i :: rl.mini_batches]]
-    stats = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
+    stats["ratio_mean"] = 0.0
     for rows in chunks:
         sub = rollout.select(rows)
         idx = torch.tensor(rows)

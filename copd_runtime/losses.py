@@ -26,14 +26,24 @@ def group_advantages_P_G(rewards_P_G: torch.Tensor, eps: float = 1e-6) -> torch.
     return (rewards_P_G - mean) / (std + eps)
 
 
+OPD_GAP_TOLERANCE = 1e-5  # nats: float32 noise of two forward passes over the same weights
+
+
 def opd_advantages_B_T(
     teacher_logprobs_B_T: torch.Tensor,
     old_logprobs_B_T: torch.Tensor,
     beta: float,
     mask_B_T: torch.Tensor,
 ) -> torch.Tensor:
-    """A_t = β·(log π_T(y_t) − log π_old(y_t)), detached, zero outside the response."""
-    return (beta * (teacher_logprobs_B_T - old_logprobs_B_T) * mask_B_T).detach()
+    """A_t = β·(log π_T(y_t) − log π_old(y_t)), detached, zero outside the response.
+
+    Gaps below OPD_GAP_TOLERANCE are rounding noise (a teacher identical to the
+    student gives ~1e-7) and are zeroed: Adam would otherwise scale that noise up to
+    full-size steps and turn "nothing to learn" into a random walk.
+    """
+    gap = teacher_logprobs_B_T - old_logprobs_B_T
+    gap = torch.where(gap.abs() < OPD_GAP_TOLERANCE, torch.zeros_like(gap), gap)
+    return (beta * gap * mask_B_T).detach()
 
 
 def clipped_pg_loss(

@@ -8,6 +8,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 [[ -x .venv/bin/python ]] || { echo "no .venv: run scripts/setup.sh (make setup) first" >&2; exit 2; }
 
+# the operator package lives in operator/ (not a top-level directory of the repo)
+export PYTHONPATH="$ROOT:$ROOT/operator${PYTHONPATH:+:$PYTHONPATH}"
+
 started=0
 if ! scripts/cluster.sh status >/dev/null 2>&1; then
   scripts/cluster.sh up || { echo "control plane failed to start" >&2; exit 1; }

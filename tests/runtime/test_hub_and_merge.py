@@ -96,3 +96,17 @@ def test_merged_directory_loads_with_from_pretrained(tiny_dirs, tmp_path):
     ta = merge_dirs([tiny_dirs["a"], tiny_dirs["b"]], [0.5, 0.5], tmp_path / "ta", method="task-arithmetic",
                     base_dir=tiny_dirs["base"], scale=1.0)
     assert AutoModelForCausalLM.from_pretrained(ta) is not None
+
+
+def test_opd_from_an_identical_teacher_leaves_the_student_unchanged(tiny_dirs):
+    """Nothing to learn must mean no update (Adam would blow float noise up to full steps)."""
+    student = load_policy(tiny_dirs["a"])
+    hub = InProcessHub({"a": tiny_dirs["a"]}, temperature=1.0)
+    before = [p.detach().clone() for p in student.model.parameters()]
+    opt = torch.optim.AdamW(student.model.parameters(), lr=1e-3)
+    peer = {"a": Dataset("arith", text_examples("arith", 16, 0), [], RewardSpec())}
+    torch.manual_seed(0)
+    m = opd_step(student, opt, peer, hub, beta=1.0, rl=RLSpec(batch_size=4, max_new_tokens=6),
+                 opd=OPDSpec(samples_per_prompt=2), diag=DiagnosticsSpec(top_k=4), rng=random.Random(0))
+    assert m["skipped"] == 1.0 and m["topk_overlap/a"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, student.model.parameters()))

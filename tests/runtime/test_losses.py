@@ -76,3 +76,12 @@ def test_token_logprobs_with_temperature():
     z = [x / 2.0 for x in (1.0, 2.0, 3.0)]
     ref = z[2] - math.log(sum(math.exp(v) for v in z))
     assert math.isclose(got.item(), ref, rel_tol=1e-6)
+
+
+def test_opd_rounding_noise_is_not_a_signal():
+    # a teacher identical to the student differs only by float noise (~1e-7): no advantage
+    old = torch.tensor([[-1.0, -2.0]])
+    a = opd_advantages_B_T(old + 1e-7, old, beta=1.0, mask_B_T=torch.ones(1, 2))
+    assert torch.all(a == 0)
+    a = opd_advantages_B_T(old + 1e-3, old, beta=1.0, mask_B_T=torch.ones(1, 2))
+    assert torch.allclose(a, torch.full((1, 2), 1e-3), atol=1e-6)
