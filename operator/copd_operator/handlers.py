@@ -48,13 +48,23 @@ def startup(settings: kopf.OperatorSettings, **_) -> None:
 
     workers = Workers(_queue(), work, STATE["workers"], STATE["resync_s"], on_error)
     STATE["worker_threads"] = workers
-    workers.start()
+    elector = STATE.get("elector")
+    if elector is None:
+        workers.start()
+    else:  # leader election (leader.py): only the Lease holder runs workers and resync
+        elector.on_started_leading = workers.start
+        elector.start()
 
 
 @kopf.on.cleanup()
 def cleanup(**_) -> None:
     if "worker_threads" in STATE:
         STATE["worker_threads"].stop()
+    if STATE.get("elector") is not None:
+        for t in getattr(STATE.get("worker_threads"), "_threads", []):
+            if t.ident is not None:
+                t.join(timeout=5)  # let an in-flight reconcile finish before another leader may start
+        STATE["elector"].release()
 
 
 @kopf.on.event(GROUP, VERSION, RUN_PLURAL)

@@ -42,7 +42,7 @@ class Health:
             out.append(f"kopf event loop silent for {self.clock() - self.last_beat:.0f}s")
         workers = self.state.get("worker_threads")
         for t in getattr(workers, "_threads", []):
-            if not t.is_alive():
+            if t.ident is not None and not t.is_alive():  # never started: a leader-election follower
                 out.append(f"thread {t.name} is dead")
         return out
 
@@ -52,6 +52,9 @@ class Health:
 
     def ready(self) -> tuple[bool, dict]:
         ok, body = self.live()
+        elector = self.state.get("elector")
+        if elector is not None:
+            body["leader"] = elector.is_leader
         if self.last_beat is None or "worker_threads" not in self.state:
             ok = False
             body = {"ok": False, "problems": body["problems"] + ["starting"]}

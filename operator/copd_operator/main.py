@@ -3,6 +3,7 @@
     copd-operator --namespace team-a [--namespace team-b] | --all-namespaces
                   [--metrics-port 9090] [--health-port 8081] [--hub-address service|pod-ip]
                   [--trainer-command "copd"] [--workers 4] [--resync-seconds 3]
+                  [--leader-elect [--leader-election-namespace NS] [--leader-election-id NAME]]
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resync-seconds", type=float, default=3.0, help="Reconcile every known run this often.")
     p.add_argument("--pod-env", action="append", default=[], metavar="NAME=VALUE",
                    help="Extra environment for every pod the operator makes (repeatable).")
+    p.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=False,
+                   help="Run more than one replica safely: only the holder of a coordination.k8s.io Lease "
+                        "reconciles (the chart turns this on).")
+    p.add_argument("--leader-election-namespace", default=None,
+                   help="Namespace of the Lease (default: the pod's namespace, else the first --namespace).")
+    p.add_argument("--leader-election-id", default="copd-operator-leader", help="Name of the Lease.")
     p.add_argument("--verbose", "-v", action="store_true")
     return p.parse_args(argv)
 
@@ -73,12 +80,38 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers.STATE.update(queue=WorkQueue(), reconciler=Reconciler(Apis(client.ApiClient()), cfg, metrics),
                           workers=a.workers, resync_s=a.resync_seconds)
+    if a.leader_elect:
+        handlers.STATE["elector"] = _elector(a, client.ApiClient())
     if a.health_port is not None:
         from . import health
 
         health.install(handlers.STATE, a.health_port)
     kopf.run(standalone=True, clusterwide=a.all_namespaces, namespaces=a.namespace or [])
     return 0
+
+
+def _elector(a: argparse.Namespace, api_client):
+    import os
+
+    from .leader import LeaderElector
+
+    ns = a.leader_election_namespace or os.environ.get("POD_NAMESPACE")
+    if not ns:
+        try:
+            with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+                ns = f.read().strip()
+        except OSError:
+            ns = (a.namespace or ["default"])[0]
+
+    def lost() -> None:
+        # Exit at once rather than stop the workers: a reconcile thread in the middle of an API call
+        # cannot be interrupted, and the new leader may already be reconciling. The Deployment
+        # restarts the pod, which comes back as a follower.
+        logging.getLogger("copd_operator").error("leadership lost: exiting")
+        logging.shutdown()
+        os._exit(1)
+
+    return LeaderElector(api_client, ns, a.leader_election_id, on_stopped_leading=lost)
 
 
 if __name__ == "__main__":
