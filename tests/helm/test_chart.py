@@ -91,7 +91,12 @@ def test_trainer_service_account_and_role_match_operator_deploy(helm_bin):
 def test_deployment_is_hardened_single_replica_with_probes(helm_bin):
     (dep,) = find(render(helm_bin), "Deployment")
     spec = dep["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    # leader election on by default: a rolling update hands the Lease over; off: Recreate, one replica
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    (off,) = find(render(helm_bin, "--set", "leaderElection.enabled=false"), "Deployment")
+    assert off["spec"]["strategy"] == {"type": "Recreate"}
+    assert not any(a.startswith("--leader-elect") for a in off["spec"]["template"]["spec"]["containers"][0]["args"])
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -113,6 +118,25 @@ def test_deployment_is_hardened_single_replica_with_probes(helm_bin):
 
     a = parse_args(c["args"])
     assert a.all_namespaces and a.metrics_port == 9090 and a.health_port == 8081 and a.workers == 4
+    assert a.leader_elect and a.leader_election_namespace == "copd-system"
+    assert a.leader_election_id == "copd-copd-operator-leader"
+
+
+def test_leader_election_rbac_matches_operator_deploy_and_allows_replicas(helm_bin):
+    ref = _deploy_docs("rbac.yaml")
+    want = _rules(find(ref, "Role", "copd-operator-leader-election")[0]["rules"])
+    assert want == {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
+    for args in ([], NAMESPACED):
+        docs = render(helm_bin, "--set", "replicaCount=3", *args)
+        (role,) = find(docs, "Role", "copd-copd-operator-leader-election", "copd-system")
+        assert _rules(role["rules"]) == want
+        (rb,) = find(docs, "RoleBinding", "copd-copd-operator-leader-election", "copd-system")
+        assert rb["roleRef"]["name"] == role["metadata"]["name"]
+        assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "copd-copd-operator", "namespace": "copd-system"}]
+        (dep,) = find(docs, "Deployment")
+        assert dep["spec"]["replicas"] == 3
+    docs = render(helm_bin, "--set", "leaderElection.enabled=false")
+    assert not find(docs, "Role", "copd-copd-operator-leader-election")
 
 
 def test_operator_command_args_env_overridable(helm_bin):
@@ -140,7 +164,8 @@ def test_operator_command_args_env_overridable(helm_bin):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--set", "replicaCount=2"], "/replicaCount': maximum: got 2, want 1"),
+    (["--set", "leaderElection.enabled=false", "--set", "replicaCount=2"], "/replicaCount': maximum: got 2, want 1"),
+    (["--set", "replicaCount=0"], "/replicaCount"),
     (["--set", "watch.allNamespaces=false"], "/watch/namespaces"),
     (["--set", "watch.namespaces={a}"], "/watch/namespaces"),
     (["--set", "watch.allNamespaces=false", "--set", "watch.namespaces={Bad_NS}"], "/watch/namespaces/0"),
