@@ -92,7 +92,8 @@ def test_every_rendered_manifest_passes_server_side_dry_run(cluster, namespace):
             assert {"ServiceMonitor", "PrometheusRule"} <= set(kinds)
             assert "servicemonitor.monitoring.coreos.com" in p.stdout and "prometheusrule" in p.stdout
     # and a wrong value fails at install, before anything reaches the cluster
-    p = subprocess.run(["helm", "install", "bad", str(CHART), "-n", namespace, "--set", "replicaCount=3"],
+    p = subprocess.run(["helm", "install", "bad", str(CHART), "-n", namespace, "--set", "replicaCount=3",
+                        "--set", "leaderElection.enabled=false"],
                        env=cluster.env, capture_output=True, text=True)
     assert p.returncode != 0 and "/replicaCount': maximum: got 3, want 1" in p.stderr, p.stderr
 
