@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 log = logging.getLogger("copd_operator.leader")
 
@@ -45,7 +45,7 @@ RENEW_DEADLINE_S = 10.0
 RETRY_S = 2.0
 
 
-class Action(str, Enum):
+class Action(StrEnum):
     CREATE = "create"    # no Lease: create it holding it
     ACQUIRE = "acquire"  # free or expired: take it over (leaseTransitions + 1)
     RENEW = "renew"      # mine: bump renewTime
@@ -82,7 +82,7 @@ def identity() -> str:
 
 
 def _micro(t: dt.datetime) -> str:
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class LeaderElector:
@@ -131,7 +131,7 @@ class LeaderElector:
                            resource_version=lease.metadata.resource_version)
 
     def _body(self, lease, *, holder: str | None, acquire: bool) -> dict:
-        now = _micro(dt.datetime.now(dt.timezone.utc))
+        now = _micro(dt.datetime.now(dt.UTC))
         spec = {"leaseDurationSeconds": int(self.lease_duration_s)}
         old = lease.spec if lease is not None else None
         transitions = (old.lease_transitions or 0) if old else 0

@@ -13,7 +13,6 @@ import signal
 import time
 
 import pytest
-
 from test_operator_kwok import (
     GPU_NODE_SELECTOR,
     KWOK_TOLERATION,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from copd_operator.leader import Action, LeaseRecord, decide_lease
 
 ME, OTHER, D = "op-a_1234", "op-b_5678", 15.0
