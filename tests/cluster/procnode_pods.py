@@ -37,14 +37,23 @@ def rewrite(text, mapping):
 
     A prefix matches only as a whole path: not preceded by a path character and
     followed by the end, '/' or a non-path character. Longest prefixes win.
+    A longer path under a mountPath that already exists on this host is a host
+    path and stays as it is: e.g. with an emptyDir at /tmp, a checkout under
+    /tmp/clone/.venv/bin/python must keep pointing at the checkout.
     """
-    if not isinstance(text, str):
+    if not isinstance(text, str) or not mapping:
         return text
-    for src in sorted(mapping, key=len, reverse=True):
-        text = re.sub(
-            r"(?<![\w.\-/])" + re.escape(src) + r"(?=$|[^\w.\-])", lambda _m, d=mapping[src]: d, text
-        )
-    return text
+    # one pass, so a host directory substituted in cannot be rewritten again by a shorter mountPath
+    alternatives = "|".join(re.escape(src) for src in sorted(mapping, key=len, reverse=True))
+    pattern = r"(?<![\w.\-/])(" + alternatives + r")(?=$|[^\w.\-])[\w.\-/]*"
+
+    def sub(m):
+        token, src = m.group(0), m.group(1)
+        if token != src and os.path.exists(token):
+            return token
+        return mapping[src] + token[len(src):]
+
+    return re.sub(pattern, sub, text)
 
 
 def expand_vars(text, env):
