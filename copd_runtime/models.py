@@ -115,7 +115,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
-BUILTIN_VERSION = "v1"  # bump when a builtin builder changes what it makes
+BUILTIN_VERSION = "v2"  # bump when a builtin builder changes what it makes
 
 
 def _builtin_cache() -> Path:

@@ -58,8 +58,12 @@ def tiny_qwen3_config(vocab_size: int) -> Qwen3Config:
 def sft_warm_start(
     policy: Policy, examples: list[Example], steps: int, lr: float = 3e-3, batch: int = 32, seed: int = 0
 ) -> list[float]:
-    """Teacher-forced cross-entropy on answer tokens (+EOS). Returns the loss curve."""
-    from .rollout import forward_logits
+    """Teacher-forced cross-entropy on answer tokens (+EOS). Returns the loss curve.
+
+    Same layout as a rollout, [left-padded prompt | answer | right pad], with the
+    prompts encoded like a rollout's (the processor for a VLM, vision tensors included).
+    """
+    from .rollout import encode_prompts, forward_logits
 
     rng = random.Random(seed)
     tok = policy.tokenizer
@@ -68,19 +72,18 @@ def sft_warm_start(
     losses = []
     for _ in range(steps):
         rows = rng.sample(examples, min(batch, len(examples)))
-        ids, labels = [], []
-        for e in rows:
-            p = tok(e.prompt, add_special_tokens=False)["input_ids"]
-            a = tok(e.answer, add_special_tokens=False)["input_ids"] + [policy.eos_id]
-            ids.append(p + a)
-            labels.append([-100] * len(p) + a)
-        L = max(map(len, ids))
-        input_ids = torch.tensor([[policy.pad_id] * (L - len(x)) + x for x in ids])
-        label_t = torch.tensor([[-100] * (L - len(y)) + y for y in labels])
-        mask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in ids])
-        logits = forward_logits(policy, input_ids, mask)
+        enc = encode_prompts(policy, rows)
+        p_ids, p_mask = enc.pop("input_ids"), enc.pop("attention_mask")
+        answers = [tok(e.answer, add_special_tokens=False)["input_ids"] + [policy.eos_id] for e in rows]
+        A = max(map(len, answers))
+        a_ids = torch.tensor([a + [policy.pad_id] * (A - len(a)) for a in answers])
+        a_mask = torch.tensor([[1] * len(a) + [0] * (A - len(a)) for a in answers])
+        input_ids = torch.cat([p_ids, a_ids], 1)
+        mask = torch.cat([p_mask, a_mask], 1)
+        labels = torch.cat([torch.full_like(p_ids, -100), a_ids.masked_fill(a_mask == 0, -100)], 1)
+        logits = forward_logits(policy, input_ids, mask, enc)
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), label_t[:, 1:].reshape(-1), ignore_index=-100
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
         )
         opt.zero_grad()
         loss.backward()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import tempfile
 from pathlib import Path
 
@@ -292,41 +291,6 @@ def tiny_qwen3_vl_config(tokenizer):
     )
 
 
-def vlm_sft_warm_start(
-    policy: Policy, examples: list[Example], steps: int, lr: float = 3e-3, batch: int = 32, seed: int = 0
-) -> list[float]:
-    """Teacher-forced cross-entropy on answer tokens (+EOS), prompts encoded with the processor
-    (vision tensors included); same layout as a rollout: [left-padded prompt | answer | right pad]."""
-    from .rollout import forward_logits
-
-    rng = random.Random(seed)
-    tok = policy.tokenizer
-    opt = torch.optim.AdamW(policy.model.parameters(), lr=lr, weight_decay=0.0)
-    policy.model.train()
-    losses = []
-    for _ in range(steps):
-        rows = rng.sample(examples, min(batch, len(examples)))
-        enc = encode_vlm_prompts(policy.processor, rows)
-        p_ids, p_mask = enc.pop("input_ids"), enc.pop("attention_mask")
-        answers = [tok(e.answer, add_special_tokens=False)["input_ids"] + [policy.eos_id] for e in rows]
-        A = max(map(len, answers))
-        a_ids = torch.tensor([a + [policy.pad_id] * (A - len(a)) for a in answers])
-        a_mask = torch.tensor([[1] * len(a) + [0] * (A - len(a)) for a in answers])
-        input_ids = torch.cat([p_ids, a_ids], 1)
-        mask = torch.cat([p_mask, a_mask], 1)
-        labels = torch.cat([torch.full_like(p_ids, -100), a_ids.masked_fill(a_mask == 0, -100)], 1)
-        logits = forward_logits(policy, input_ids, mask, enc)
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-        )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    policy.model.eval()
-    return losses
-
-
 WARM_DOMAINS = ("color", "motion", "arith", "reverse", "maxbox")
 
 
@@ -360,5 +324,7 @@ def build_tiny_qwen3_vl(seed: int = 0, warm_steps: int = 60, media_dir: Path | N
             media = Path(media_dir or tmp)
             examples = [e for d in ("color", "motion") for e in vision_examples(d, 400, seed + 7, media)]
             examples += [e for d in ("arith", "reverse", "maxbox") for e in text_examples(d, 400, seed + 7)]
-            vlm_sft_warm_start(policy, examples, warm_steps, seed=seed)
+            from .tiny_models import sft_warm_start
+
+            sft_warm_start(policy, examples, warm_steps, seed=seed)
     return policy
