@@ -235,8 +235,10 @@ cmd_up() {
 
   # KWOK: CRDs, Stage objects, fake GPU nodes, then the controller.
   kctl apply --server-side --force-conflicts -f "$KWOK_BIN/crds/" >/dev/null
-  kctl wait --for condition=Established --timeout 60s crd/stages.kwok.x-k8s.io >/dev/null
-  kctl apply --server-side --force-conflicts -f "$ROOT/hack/cluster/kwok/stages.yaml" >/dev/null
+  # a fresh CRD has no status.conditions yet and `kubectl wait` then errors at once instead of
+  # waiting; discovery of the new kind can lag too: poll both
+  wait_for "kwok CRDs established" 60 kctl wait --for condition=Established --timeout 5s crd/stages.kwok.x-k8s.io
+  wait_for "kwok Stages applied" 60 kctl apply --server-side --force-conflicts -f "$ROOT/hack/cluster/kwok/stages.yaml"
   kwok_nodes_yaml | kctl apply --server-side --force-conflicts -f - >/dev/null
   # default StorageClass; tests/cluster/procnode.py provisions hostPath PVs for it
   kctl apply --server-side --force-conflicts -f - >/dev/null <<EOF
