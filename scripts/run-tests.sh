@@ -13,7 +13,11 @@ export PYTHONPATH="$ROOT:$ROOT/operator${PYTHONPATH:+:$PYTHONPATH}"
 
 started=0
 if ! scripts/cluster.sh status >/dev/null 2>&1; then
-  scripts/cluster.sh up || { echo "control plane failed to start" >&2; exit 1; }
+  if ! scripts/cluster.sh up; then
+    echo "control plane failed to start; one more try from a clean state" >&2
+    scripts/cluster.sh down >/dev/null 2>&1 || true
+    scripts/cluster.sh up || { echo "control plane failed to start (logs: .cluster/logs/)" >&2; exit 1; }
+  fi
   started=1
 fi
 .venv/bin/ruff check . || exit 1
