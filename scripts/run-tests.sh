@@ -16,7 +16,11 @@ if ! scripts/cluster.sh status >/dev/null 2>&1; then
   if ! scripts/cluster.sh up; then
     echo "control plane failed to start; one more try from a clean state" >&2
     scripts/cluster.sh down >/dev/null 2>&1 || true
-    scripts/cluster.sh up || { echo "control plane failed to start (logs: .cluster/logs/)" >&2; exit 1; }
+    if ! scripts/cluster.sh up; then
+      scripts/cluster.sh down >/dev/null 2>&1 || true
+      echo "control plane failed to start (logs: .cluster/logs/)" >&2
+      exit 1
+    fi
   fi
   started=1
 fi
