@@ -23,6 +23,12 @@ def test_example_is_valid_and_defaults_fill_in():
     assert m.spec.teachers_of("arith") == ["reverse", "maxbox"]
 
 
+def test_vision_example_is_valid():
+    m = load_manifest(EXAMPLE.parent / "copdrun-vl.yaml")
+    assert m.spec.base_model.uri == "builtin://tiny-qwen3-vl"
+    assert [b.dataset.builtin for b in m.spec.branches] == ["color", "motion"]
+
+
 def _with(path: str, value):
     doc = example()
     node = doc
