@@ -132,3 +132,33 @@ def test_local_run_exports_operator_metric_names(tmp_path):
         assert needle in text, needle
     metrics.forget_run("local", "demo")
     assert 'run="demo"' not in generate_latest(metrics.registry).decode()
+
+
+def test_copd_run_serves_prometheus_metrics_while_running(tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manifest = small_manifest(tmp_path, min_cycles=1, cycles=1, rlStepsPerCycle=2, opdStepsPerCycle=2)
+    p = copd("run", manifest, "--output", tmp_path / "out", "--no-live", "--metrics-port", port,
+             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = ""
+    try:
+        deadline = time.monotonic() + 300
+        while p.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    seen = r.read().decode()
+            except OSError:
+                pass
+            if 'copd_run_phase{namespace="local",phase="OPD",run="demo"} 1.0' in seen:
+                break
+            time.sleep(0.1)
+    finally:
+        p.wait(timeout=300)
+    assert 'copd_run_phase{namespace="local",phase="OPD",run="demo"} 1.0' in seen
+    assert 'copd_run_cycle{namespace="local",run="demo"} 1.0' in seen
+    assert 'copd_branch_reward{branch="arith",namespace="local",run="demo"}' in seen
+    assert p.returncode == 0
