@@ -233,7 +233,9 @@ def diagnose(manifest: ManifestOpt, storage: StorageOpt, cycle: Annotated[int, t
     path = storage / "diagnostics" / f"cycle-{cycle:03d}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([r.as_dict() for r in rows], indent=2))
-    _report({"cycle": cycle, "diagnostics": [r.as_dict() for r in rows]}, report_file)
+    from .diagnose import compact_report
+
+    _report(compact_report(cycle, rows), report_file)
 
 
 @app.command()

@@ -10,6 +10,7 @@ every branch's weights); `copd run` runs it in-process.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -54,3 +55,29 @@ def diagnose(spec: CoPDRunSpec, model_dirs: dict[str, Path], datasets: dict[str,
         )
         out.append(DirectionDiagnostic(cycle, student, teacher, ov, kl))
     return out
+
+
+TERMINATION_MESSAGE_BUDGET = 3500  # bytes; Kubernetes keeps at most 4096 of a termination message
+
+
+def compact_report(cycle: int, rows: list[DirectionDiagnostic], budget: int = TERMINATION_MESSAGE_BUDGET) -> dict:
+    """The diagnose result as the operator reads it from a termination message.
+
+    Rows are `[student, teacher, overlap, symmetric_kl]`. When every direction does
+    not fit (large meshes: K·(K−1) directions), only each student's lowest-overlap
+    and highest-KL directions are kept: the readiness test needs just the global
+    extremes, which are among them. The full list is always in the run's storage.
+    """
+    def row(d: DirectionDiagnostic) -> list:
+        return [d.student, d.teacher, round(d.topk_overlap, 4), round(d.symmetric_kl, 4)]
+
+    report = {"cycle": cycle, "directions": [row(d) for d in rows], "total": len(rows)}
+    if len(json.dumps(report)) <= budget:
+        return report
+    keep: list[DirectionDiagnostic] = []
+    for student in dict.fromkeys(d.student for d in rows):
+        mine = [d for d in rows if d.student == student]
+        for d in (min(mine, key=lambda x: x.topk_overlap), max(mine, key=lambda x: x.symmetric_kl)):
+            if d not in keep:
+                keep.append(d)
+    return {"cycle": cycle, "directions": [row(d) for d in keep], "total": len(rows), "partial": True}

@@ -133,9 +133,12 @@ def diagnose_report(cycle: int, outcome: JobOutcome | None) -> DiagnoseReport | 
         return None
     if outcome.state == FAILED:
         return DiagnoseReport(cycle, failed=True, message=outcome.message)
-    rows = (outcome.report or {}).get("diagnostics") or []
-    diags = tuple(DirectionDiagnostic(int(r["cycle"]), r["student"], r["teacher"], float(r["topk_overlap"]),
-                                      float(r["symmetric_kl"])) for r in rows)
+    report = outcome.report or {}
+    # compact rows [student, teacher, overlap, symmetric KL] (`copd diagnose`; for large meshes only
+    # each student's extremes, which is all the readiness test needs), or the older list of dicts
+    diags = tuple(DirectionDiagnostic(cycle, s, t, float(o), float(k)) for s, t, o, k in report.get("directions") or [])
+    diags += tuple(DirectionDiagnostic(int(r["cycle"]), r["student"], r["teacher"], float(r["topk_overlap"]),
+                                       float(r["symmetric_kl"])) for r in report.get("diagnostics") or [])
     return DiagnoseReport(cycle, diags)
 
 

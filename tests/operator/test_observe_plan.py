@@ -63,6 +63,13 @@ def test_diagnose_report_parses_rows_and_kwok_gives_none():
     assert ob.diagnose_report(2, ob.job_outcome(*_j(JobB("d").active()))) is None
 
 
+def test_diagnose_report_parses_the_compact_rows_copd_diagnose_writes():
+    msg = json.dumps({"cycle": 3, "directions": [["a", "b", 0.91, 0.2], ["b", "a", 0.8, 0.4]], "total": 2})
+    rep = ob.diagnose_report(3, ob.job_outcome(*_j(JobB("d").succeeded(msg))))
+    assert [(d.cycle, d.student, d.teacher, d.topk_overlap, d.symmetric_kl) for d in rep.diagnostics] == [
+        (3, "a", "b", 0.91, 0.2), (3, "b", "a", 0.8, 0.4)]
+
+
 def test_invalid_spec_names_the_field():
     snap = SnapB().obj()
     snap.claim_missing = "nope"

@@ -77,3 +77,23 @@ def test_merge_readiness(diags, cycle, want_ready, want_reason):
     ready, reason, message = merge_readiness(diags, cycle, min_cycles=2, min_topk_overlap=0.9, max_symmetric_kl=0.5)
     assert (ready, reason) == (want_ready, want_reason)
     assert message
+
+
+def test_compact_report_fits_a_termination_message_and_keeps_what_readiness_needs():
+    import json
+
+    from copd_runtime.diagnose import compact_report
+
+    names = [f"branch-{i:02d}" for i in range(32)]
+    rows = [_d(5, s, t, 0.95 - 0.001 * i - 0.0001 * j, 0.1 + 0.01 * i + 0.001 * j)
+            for i, s in enumerate(names) for j, t in enumerate(names) if s != t]
+    small = compact_report(5, rows[:6])
+    assert small["total"] == 6 and len(small["directions"]) == 6 and "partial" not in small
+    big = compact_report(5, rows)
+    assert big["partial"] and big["total"] == 32 * 31
+    assert len(json.dumps(big)) < 4096
+    kept = [DirectionDiagnostic(5, s, t, o, k) for s, t, o, k in big["directions"]]
+    full = merge_readiness(rows, 5, 1, 0.9, 0.5)
+    assert merge_readiness(kept, 5, 1, 0.9, 0.5)[:2] == full[:2]
+    assert min(d.topk_overlap for d in kept) == pytest.approx(min(d.topk_overlap for d in rows), abs=1e-4)
+    assert max(d.symmetric_kl for d in kept) == pytest.approx(max(d.symmetric_kl for d in rows), abs=1e-4)
