@@ -10,6 +10,22 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 CACHE="${COPD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/copd-operator}"
+
+# system tools the control plane scripts use (Debian package names)
+missing=()
+for tool in openssl:openssl curl:curl ss:iproute2 make:make; do
+  command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
+done
+if (( ${#missing[@]} )); then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    echo "[setup] installing ${missing[*]}" >&2
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "[setup] please install: ${missing[*]}" >&2; exit 1
+  fi
+fi
+command -v go >/dev/null || [[ "${COPD_SKIP_CLUSTER_BUILD:-0}" == 1 ]] \
+  || { echo "[setup] Go >= 1.26 is needed to build the Kubernetes test binaries (or COPD_SKIP_CLUSTER_BUILD=1)" >&2; exit 1; }
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null || PY=python3
 "$PY" -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
