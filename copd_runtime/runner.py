@@ -78,7 +78,7 @@ class LocalRun:
         self.checkpoint_every = checkpoint_every
         self._datasets = None
         self._rewards: dict[str, float] = {}
-        (self.out / "copdrun.json").write_text(manifest.model_dump_json(by_alias=True, indent=2))
+        self.manifest = manifest
 
     # -- files ---------------------------------------------------------------
 
@@ -196,6 +196,7 @@ class LocalRun:
     def run(self, max_iterations: int = 100_000) -> RunStatus:
         from .models import resolve_model_dir
 
+        (self.out / "copdrun.json").write_text(self.manifest.model_dump_json(by_alias=True, indent=2))
         resolve_model_dir(self.spec.base_model.uri, self.out)  # build a builtin base once, up front
         status = self.load_status()
         for _ in range(max_iterations):
