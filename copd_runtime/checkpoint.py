@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import Policy, atomic_dir, save_policy
+from copd_runtime.models.policy import Policy, atomic_dir, save_policy
 
 STAGE_ORDER = {"RL": 0, "OPD": 1}
 

@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from .spec import SpecError, load_manifest, parse_manifest
+from copd_core.spec import SpecError, load_manifest, parse_manifest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -88,9 +88,9 @@ def run(
 
     m = _manifest(manifest)
     _torch_threads()
-    from .metrics import CoPDMetrics
-    from .progress import Progress
-    from .runner import LocalRun
+    from copd_core.metrics import CoPDMetrics
+    from copd_runtime.local.progress import Progress
+    from copd_runtime.local.runner import LocalRun
 
     metrics = CoPDMetrics()
     if metrics_port is not None:
@@ -132,8 +132,8 @@ def _print_summary(s: dict) -> None:
 @app.command("build-base")
 def build_base(name: str, output: Annotated[Path, typer.Option("--output", "-o")]) -> None:
     """Build a builtin tiny base model (tiny-qwen3, tiny-qwen3-vl) into a HF directory."""
-    from .models import atomic_dir
-    from .tiny_models import build_builtin
+    from copd_runtime.builtin.build import build_builtin
+    from copd_runtime.models.policy import atomic_dir
 
     with atomic_dir(output) as tmp:
         build_builtin(name, tmp)
@@ -160,8 +160,8 @@ def stage(
     report_file: ReportOpt = None,
 ) -> None:
     """Run one RL or OPD stage of one branch (resuming from its newest checkpoint)."""
-    from .cycle import Stage
-    from .trainer import run_branch_stage
+    from copd_core.cycle import Stage
+    from copd_runtime.recipes.stage import run_branch_stage
 
     m = _manifest(manifest)
     _torch_threads()
@@ -174,7 +174,7 @@ def stage(
         if not hub_url:
             _report({"failed": True, "message": "OPD needs --hub-url"}, report_file)
             raise typer.Exit(2)
-        from .hub import HttpHub
+        from copd_runtime.hub import HttpHub
 
         hub = HttpHub(hub_url)
     metrics_file = storage / "metrics.jsonl"
@@ -203,8 +203,8 @@ def hub(
     host: Annotated[str, typer.Option()] = "0.0.0.0",
 ) -> None:
     """Serve teacher scoring for the OPD stage of CYCLE (teachers frozen at its start)."""
-    from .hub import InProcessHub, make_server
-    from .trainer import stage_start_model
+    from copd_runtime.hub import InProcessHub, make_server
+    from copd_runtime.recipes.stage import stage_start_model
 
     m = _manifest(manifest)
     _torch_threads()
@@ -223,8 +223,8 @@ def hub(
 def diagnose(manifest: ManifestOpt, storage: StorageOpt, cycle: Annotated[int, typer.Option(min=1)],
              report_file: ReportOpt = None) -> None:
     """Measure top-k overlap and symmetric KL of every direction on the probe set."""
-    from .diagnose import diagnose as run_diagnose
-    from .runner import LocalRun
+    from copd_runtime.local.runner import LocalRun
+    from copd_runtime.recipes.diagnose import diagnose as run_diagnose
 
     m = _manifest(manifest)
     _torch_threads()
@@ -233,7 +233,7 @@ def diagnose(manifest: ManifestOpt, storage: StorageOpt, cycle: Annotated[int, t
     path = storage / "diagnostics" / f"cycle-{cycle:03d}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([r.as_dict() for r in rows], indent=2))
-    from .diagnose import compact_report
+    from copd_runtime.recipes.diagnose import compact_report
 
     _report(compact_report(cycle, rows), report_file)
 
@@ -242,9 +242,9 @@ def diagnose(manifest: ManifestOpt, storage: StorageOpt, cycle: Annotated[int, t
 def merge(manifest: ManifestOpt, storage: StorageOpt, output: Annotated[Path | None, typer.Option()] = None,
           report_file: ReportOpt = None) -> None:
     """Merge the branches' newest checkpoints into one HF model directory."""
-    from .merge import merge_dirs
-    from .models import resolve_model_dir
-    from .runner import LocalRun
+    from copd_runtime.local.runner import LocalRun
+    from copd_runtime.model_uri import resolve_model_dir
+    from copd_runtime.recipes.merge import merge_dirs
 
     m = _manifest(manifest)
     spec = m.spec
@@ -255,19 +255,6 @@ def merge(manifest: ManifestOpt, storage: StorageOpt, output: Annotated[Path | N
     merge_dirs([dirs[n] for n in dirs], [w[n] for n in dirs], out, method=spec.merge.method,
                base_dir=resolve_model_dir(spec.base_model.uri, storage), scale=spec.merge.scale)
     _report({"merged": True, "path": str(out)}, report_file)
-
-
-@app.command()
-def compare(
-    spec: Path,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Comparison directory.")],
-    jobs: Annotated[int, typer.Option(help="Worker processes (one torch thread each).")] = 1,
-    pilot: Annotated[bool, typer.Option("--pilot/--no-pilot", help="Also run the overlap-vs-gain pilot.")] = True,
-) -> None:
-    """CoPD vs experts, mixed RLVR, static OPD and ablations at one optimizer-step budget (docs/science.md)."""
-    from .compare import main
-
-    main(spec, output, jobs, pilot)
 
 
 if __name__ == "__main__":

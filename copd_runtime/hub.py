@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .data import Example
-from .models import Policy, load_policy
-from .rollout import Rollout, teacher_scores
+from copd_runtime.data.examples import Example
+from copd_runtime.models.policy import Policy, load_policy
+from copd_runtime.rollout import Rollout, teacher_scores
 
 
 class InProcessHub:

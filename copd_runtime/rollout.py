@@ -11,9 +11,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import Example
-from .losses import token_logprobs_B_T
-from .models import Policy
+from copd_runtime.data.examples import Example
+from copd_runtime.maths.losses import token_logprobs_B_T
+from copd_runtime.models.policy import Policy
+from copd_runtime.models.vlm import (
+    encode_vlm_prompts,
+    mask_vision_logits,
+    mm_token_type_ids,
+    vision_token_ids,
+)
 
 
 @dataclass
@@ -77,8 +83,6 @@ def select_vision(vision: dict[str, torch.Tensor], examples: list[Example], rows
 def encode_prompts(policy: Policy, examples: list[Example]) -> dict[str, torch.Tensor]:
     """Left-padded prompt ids (+ vision tensors for a VLM)."""
     if policy.is_vlm:
-        from .vision_data import encode_vlm_prompts
-
         return encode_vlm_prompts(policy.processor, examples)
     tok = policy.tokenizer
     tok.padding_side = "left"
@@ -99,8 +103,6 @@ def forward_logits(policy: Policy, input_ids, attention_mask, vision: dict | Non
     if not policy.is_vlm:
         kwargs["position_ids"] = _position_ids(attention_mask)
         return policy.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
-    from .vision_data import mask_vision_logits, mm_token_type_ids
-
     cfg = policy.model.config
     if "image_grid_thw" in kwargs or "video_grid_thw" in kwargs:
         kwargs["mm_token_type_ids"] = mm_token_type_ids(cfg, input_ids)
@@ -127,8 +129,6 @@ def sample(
     prompt_ids, prompt_mask = enc.pop("input_ids"), enc.pop("attention_mask")
     gen_kwargs = dict(enc)
     if policy.is_vlm:  # token types for M-RoPE; never sample vision special tokens (see forward_logits)
-        from .vision_data import mm_token_type_ids, vision_token_ids
-
         gen_kwargs["mm_token_type_ids"] = mm_token_type_ids(policy.model.config, prompt_ids)
         gen_kwargs["suppress_tokens"] = list(vision_token_ids(policy.model.config).values())
     out = policy.model.generate(
@@ -156,8 +156,6 @@ def sample(
     truncated = ~is_eos.any(1)
     logits = torch.stack(out.logits, dim=1)  # [N, R, V], before temperature
     if policy.is_vlm:
-        from .vision_data import mask_vision_logits
-
         logits = mask_vision_logits(policy.model.config, logits)
     beh = token_logprobs_B_T(logits, gen, 1.0 if greedy else temperature)
     input_ids = torch.cat([prompt_ids, gen], 1)

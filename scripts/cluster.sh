@@ -8,7 +8,7 @@
 # Components (binaries built from Go modules by hack/cluster/build.sh, versions
 # in hack/cluster/versions.env): etcd, kube-apiserver (RBAC, TLS on 127.0.0.1
 # only), kube-controller-manager, kube-scheduler, kwok (fake GPU nodes
-# kwok-gpu-0..N-1) and a Python process node (tests/cluster/procnode.py,
+# kwok-gpu-0..N-1) and a Python process node (hack/cluster/procnode/procnode.py,
 # node proc-node-0) that runs pods as local processes. No kubelet, kube-proxy
 # or CNI: Services get ClusterIPs but nothing routes them.
 #
@@ -240,7 +240,7 @@ cmd_up() {
   wait_for "kwok CRDs established" 60 kctl wait --for condition=Established --timeout 5s crd/stages.kwok.x-k8s.io
   wait_for "kwok Stages applied" 60 kctl apply --server-side --force-conflicts -f "$ROOT/hack/cluster/kwok/stages.yaml"
   kwok_nodes_yaml | kctl apply --server-side --force-conflicts -f - >/dev/null
-  # default StorageClass; tests/cluster/procnode.py provisions hostPath PVs for it
+  # default StorageClass; hack/cluster/procnode/procnode.py provisions hostPath PVs for it
   kctl apply --server-side --force-conflicts -f - >/dev/null <<EOF
 apiVersion: storage.k8s.io/v1
 kind: StorageClass
@@ -255,7 +255,7 @@ EOF
     --manage-all-nodes=false --manage-nodes-with-label-selector type=kwok \
     --enable-crds Stage --server-address "127.0.0.1:$KWOK_PORT" --node-lease-duration-seconds 40
 
-  start procnode - "$(python_bin)" "$ROOT/tests/cluster/procnode.py" \
+  start procnode - "$(python_bin)" "$ROOT/hack/cluster/procnode/procnode.py" \
     --kubeconfig "$ST/kubeconfig" --name "$PROCNODE" --workdir "$ST/procnode" \
     --api-host 127.0.0.1 --api-port "$API_PORT"
 

@@ -7,7 +7,7 @@ Layers, top to bottom (each imports only the ones below it):
     reconcile   one reconcile of one CoPDRun: gather -> decide -> write status -> act
     gather      the only code that reads the cluster (returns a Snapshot)
     act         the only code that writes children (idempotent create/patch/delete)
-    observe     pure: Snapshot -> copd_runtime.cycle.Observed, Branch statuses
+    observe     pure: Snapshot -> copd_core.cycle.Observed, Branch statuses
     plan        pure: (spec, status, actions, snapshot) -> operations
     builders    pure build_* manifests
     naming      names, labels, constants

@@ -1,4 +1,4 @@
-"""The Branch custom resource's types (the CoPDRun types live in copd_runtime.spec / cycle).
+"""The Branch custom resource's types (the CoPDRun types live in copd_core.spec / cycle).
 
 A Branch is owned by one CoPDRun and mirrors one branch of it: its spec says which
 (cycle, stage) the run wants from it, its status says what the trainer reported.

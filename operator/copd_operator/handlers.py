@@ -12,9 +12,9 @@ import logging
 import kopf
 from kubernetes.client.rest import ApiException
 
-from .naming import GROUP, LABEL_RUN, RUN_PLURAL, VERSION
-from .reconcile import Conflict, Reconciler
-from .workqueue import Key, Workers, WorkQueue
+from copd_operator.control.workqueue import Key, Workers, WorkQueue
+from copd_operator.logic.naming import GROUP, LABEL_RUN, RUN_PLURAL, VERSION
+from copd_operator.reconcile import Conflict, Reconciler
 
 log = logging.getLogger("copd_operator")
 

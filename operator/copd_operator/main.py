@@ -13,7 +13,7 @@ import logging
 import shlex
 import sys
 
-from .builders import OperatorConfig
+from copd_operator.logic.builders import OperatorConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,11 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     from kubernetes import client, config
     from prometheus_client import start_http_server
 
-    from copd_runtime.metrics import CoPDMetrics
-
-    from . import handlers
-    from .gather import Apis
-    from .reconcile import Reconciler
+    from copd_core.metrics import CoPDMetrics
+    from copd_operator import handlers
+    from copd_operator.io.gather import Apis
+    from copd_operator.reconcile import Reconciler
 
     try:
         config.load_incluster_config()
@@ -76,14 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     metrics = CoPDMetrics()
     if a.metrics_port is not None:
         start_http_server(a.metrics_port, registry=metrics.registry)
-    from .workqueue import WorkQueue
+    from copd_operator.control.workqueue import WorkQueue
 
     handlers.STATE.update(queue=WorkQueue(), reconciler=Reconciler(Apis(client.ApiClient()), cfg, metrics),
                           workers=a.workers, resync_s=a.resync_seconds)
     if a.leader_elect:
         handlers.STATE["elector"] = _elector(a, client.ApiClient())
     if a.health_port is not None:
-        from . import health
+        from copd_operator.control import health
 
         health.install(handlers.STATE, a.health_port)
     kopf.run(standalone=True, clusterwide=a.all_namespaces, namespaces=a.namespace or [])
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 def _elector(a: argparse.Namespace, api_client):
     import os
 
-    from .leader import LeaderElector
+    from copd_operator.control.leader import LeaderElector
 
     ns = a.leader_election_namespace or os.environ.get("POD_NAMESPACE")
     if not ns:

@@ -2,7 +2,7 @@
 
     gather(run + children)            gather.py      (reads)
       -> observe(...) : Observed      observe.py     (pure)
-      -> decide(spec, status, ...)    copd_runtime.cycle (pure, shared with `copd run`)
+      -> decide(spec, status, ...)    copd_core.cycle (pure, shared with `copd run`)
       -> write status                 act.py         (one PUT, only when it changed)
       -> plan(...) : [ops]            plan.py        (pure)
       -> apply ops, then Events       act.py         (writes)
@@ -19,26 +19,15 @@ from datetime import UTC, datetime
 
 from kubernetes.client.rest import ApiException
 
-from copd_runtime.cycle import (
-    COND_FAILED,
-    COND_PROGRESSING,
-    R_INVALID_SPEC,
-    TERMINAL,
-    Event,
-    Phase,
-    RunStatus,
-    decide,
-    iso,
-    set_condition,
-)
-from copd_runtime.metrics import CoPDMetrics
-from copd_runtime.spec import SpecError, parse_manifest
-
-from .act import apply_ops, create, write_run_status
-from .builders import OperatorConfig, RunRef, build_event
-from .gather import Apis, gather
-from .observe import observe
-from .plan import Create, missing_branches, plan
+from copd_core.conditions import COND_FAILED, COND_PROGRESSING, R_INVALID_SPEC, iso, set_condition
+from copd_core.cycle import TERMINAL, Event, Phase, RunStatus, decide
+from copd_core.metrics import CoPDMetrics
+from copd_core.spec import SpecError, parse_manifest
+from copd_operator.io.act import apply_ops, create, write_run_status
+from copd_operator.io.gather import Apis, gather
+from copd_operator.logic.builders import OperatorConfig, RunRef, build_event
+from copd_operator.logic.observe import observe
+from copd_operator.logic.plan import Create, missing_branches, plan
 
 log = logging.getLogger("copd_operator.reconcile")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,11 +23,10 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))
+from tests import ROOT
+from tests.cluster.support import procnode_module
 
-from procnode_pods import pod_log_path  # noqa: E402
+pod_log_path = procnode_module("pods").pod_log_path
 
 UP_TIMEOUT_S = int(os.environ.get("COPD_CLUSTER_UP_TIMEOUT", "3600"))
 

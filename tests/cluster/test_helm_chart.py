@@ -15,7 +15,8 @@ import urllib.request
 
 import pytest
 import yaml
-from test_operator_kwok import (
+
+from tests.cluster.support import (
     GPU_NODE_SELECTOR,
     KWOK_TOLERATION,
     PY,

@@ -9,7 +9,8 @@ import json
 
 import pytest
 import yaml
-from test_operator_kwok import ROOT, Api, Operator, apply_crds, apply_doc, example, wait_for
+
+from tests.cluster.support import ROOT, Api, Operator, apply_crds, apply_doc, example, wait_for
 
 # (mutation of spec, text the apiserver's message must contain)
 BAD = {

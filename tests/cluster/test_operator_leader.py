@@ -13,7 +13,8 @@ import signal
 import time
 
 import pytest
-from test_operator_kwok import (
+
+from tests.cluster.support import (
     GPU_NODE_SELECTOR,
     KWOK_TOLERATION,
     Api,

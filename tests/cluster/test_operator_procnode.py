@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_operator_kwok import (
+
+from tests.cluster.support import (
     PY,
     ROOT,
     Api,

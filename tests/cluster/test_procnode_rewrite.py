@@ -1,6 +1,8 @@
 """The process node's path rule (pure: needs no cluster)."""
 
-from procnode_pods import rewrite
+from tests.cluster.support import procnode_module
+
+rewrite = procnode_module("pods").rewrite
 
 
 def test_mount_paths_are_rewritten_as_whole_paths_in_one_pass(tmp_path):

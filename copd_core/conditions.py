@@ -1,0 +1,70 @@
+"""Kubernetes-style conditions and the reasons the cycle gives: named constants.
+
+Reasons appear in conditions, events, metric labels and docs; one place defines them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+# Condition types
+COND_READY = "Ready"
+COND_PROGRESSING = "Progressing"
+COND_MERGE_READY = "MergeReady"
+COND_SUCCEEDED = "Succeeded"
+COND_FAILED = "Failed"
+
+# Reasons
+R_CREATED = "Created"
+R_STARTED = "Started"
+R_STAGE_STARTED = "StageStarted"
+R_STAGE_COMPLETED = "StageCompleted"
+R_BRANCH_FAILED = "BranchFailed"
+R_DIAGNOSE_FAILED = "DiagnoseFailed"
+R_SUSPENDED = "Suspended"
+R_RESUMED = "Resumed"
+R_MERGING = "Merging"
+R_MERGE_WITHOUT_READINESS = "MergingWithoutReadiness"
+R_NOT_ALIGNED = "NotAligned"
+R_MERGE_FAILED = "MergeFailed"
+R_MERGED = "Merged"
+R_INVALID_SPEC = "InvalidSpec"
+
+
+class _Status(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class Condition(_Status):
+    type: str
+    status: str  # "True" | "False" | "Unknown"
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int = 0
+
+
+def iso(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    conds: list[Condition], type_: str, status: str, reason: str, message: str, now: datetime, gen: int
+) -> list[Condition]:
+    """New list with `type_` set; lastTransitionTime moves only when the status flips."""
+    out, found = [], False
+    for c in conds:
+        if c.type != type_:
+            out.append(c)
+            continue
+        found = True
+        ltt = c.last_transition_time if c.status == status else iso(now)
+        out.append(Condition(type=type_, status=status, reason=reason, message=message,
+                             last_transition_time=ltt, observed_generation=gen))
+    if not found:
+        out.append(Condition(type=type_, status=status, reason=reason, message=message,
+                             last_transition_time=iso(now), observed_generation=gen))
+    return out

@@ -1,0 +1,408 @@
+"""The CoPD cycle: one pure decision, shared by both executors.
+
+    decide(spec, status, observed, now, generation) -> (new_status, actions)
+
+No kopf, no Kubernetes client, no torch, no clock of its own: the executor
+gathers what it sees (`Observed`), calls `decide`, writes the new status once,
+then carries out the actions. `copd run` carries them out with local processes;
+the operator with Branch objects, pods, a hub and a merge Job. Everything is
+level-based: `decide` can start from the status alone, any number of times,
+and re-asking for work that is already running is harmless (executors make it
+idempotent).
+
+    Pending ──► Running ─────────────────────────────────────────► Merging ──► Succeeded
+                 │ cycle c:  RL ──► OPD ──► Diagnose ─┬─ ready ──────►  ▲          │
+                 │            ▲                       ├─ c < cycles: c+1, RL       │
+                 │            └───────────────────────┘                 │          ▼
+                 │                                    └─ c = cycles ────┘ (policy) Failed
+                 └─ spec.suspend ──► Suspended ──► (resume) Running at the same stage
+
+A stage ends for the run only when every branch has reported it done (barrier).
+A stage with zero steps is skipped. Reasons are constants: they appear in
+conditions, events, metrics labels and docs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from copd_core.conditions import (
+    COND_FAILED,
+    COND_MERGE_READY,
+    COND_PROGRESSING,
+    COND_READY,
+    COND_SUCCEEDED,
+    R_BRANCH_FAILED,
+    R_DIAGNOSE_FAILED,
+    R_INVALID_SPEC,
+    R_MERGE_FAILED,
+    R_MERGE_WITHOUT_READINESS,
+    R_MERGED,
+    R_MERGING,
+    R_NOT_ALIGNED,
+    R_RESUMED,
+    R_STAGE_STARTED,
+    R_STARTED,
+    R_SUSPENDED,
+    Condition,
+    iso,
+    set_condition,
+)
+from copd_core.readiness import DirectionDiagnostic, merge_readiness
+from copd_core.spec import CoPDRunSpec, NotReadyPolicy
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    MERGING = "Merging"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class Stage(StrEnum):
+    RL = "RL"
+    OPD = "OPD"
+    DIAGNOSE = "Diagnose"
+
+
+class _Status(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class BranchStatus(_Status):
+    cycle: int = 0
+    stage: str | None = None
+    step: int = 0
+    reward: float | None = None
+    done: bool = False
+    message: str = ""
+
+
+class DiagnosticStatus(_Status):
+    cycle: int
+    student: str
+    teacher: str
+    topk_overlap: float
+    symmetric_kl: float
+
+
+class RunStatus(_Status):
+    phase: Phase = Phase.PENDING
+    cycle: int = 0
+    stage: Stage | None = None
+    branches: dict[str, BranchStatus] = Field(default_factory=dict)
+    diagnostics: list[DiagnosticStatus] = Field(default_factory=list, description="Latest cycle's diagnostics.")
+    min_topk_overlap: float | None = None
+    max_symmetric_kl: float | None = None
+    merge_ready: bool = False
+    merged_model: str | None = None
+    stage_start_time: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int = 0
+
+    def to_k8s(self) -> dict:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# ---------------------------------------------------------------------------
+# What executors observe and what they are asked to do
+
+
+@dataclass(frozen=True)
+class BranchReport:
+    """What a branch's trainer says about one (cycle, stage)."""
+
+    cycle: int
+    stage: Stage
+    step: int = 0
+    reward: float | None = None
+    done: bool = False
+    failed: bool = False
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class DiagnoseReport:
+    cycle: int
+    diagnostics: tuple[DirectionDiagnostic, ...] = ()
+    failed: bool = False
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    done: bool = False
+    failed: bool = False
+    path: str | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Observed:
+    branches: dict[str, BranchReport] = field(default_factory=dict)
+    diagnose: DiagnoseReport | None = None
+    merge: MergeReport | None = None
+    invalid_spec: str | None = None  # what only the executor can judge (e.g. a missing dataset)
+
+
+@dataclass(frozen=True)
+class RunBranchStage:
+    branch: str
+    cycle: int
+    stage: Stage
+
+
+@dataclass(frozen=True)
+class RunDiagnose:
+    cycle: int
+
+
+@dataclass(frozen=True)
+class RunMerge:
+    ready: bool
+
+
+@dataclass(frozen=True)
+class StopWork:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # "Normal" | "Warning"
+    reason: str
+    message: str
+    # set on a stage/phase transition: the label that ended and how long it ran
+    ended: str | None = None
+    duration_s: float | None = None
+    started: str | None = None
+
+
+Action = RunBranchStage | RunDiagnose | RunMerge | StopWork | Event
+
+
+# ---------------------------------------------------------------------------
+# Pure helpers
+
+
+def stages_of(spec: CoPDRunSpec) -> list[Stage]:
+    s = []
+    if spec.schedule.rl_steps_per_cycle > 0:
+        s.append(Stage.RL)
+    if spec.schedule.opd_steps_per_cycle > 0:
+        s.append(Stage.OPD)
+    s.append(Stage.DIAGNOSE)
+    return s
+
+
+def steps_of(spec: CoPDRunSpec, stage: Stage) -> int:
+    return {Stage.RL: spec.schedule.rl_steps_per_cycle, Stage.OPD: spec.schedule.opd_steps_per_cycle}.get(stage, 0)
+
+
+def phase_label(status: RunStatus) -> str:
+    """A single label for metrics/timeline: the stage while running, else the phase."""
+    return status.stage.value if status.phase == Phase.RUNNING and status.stage else status.phase.value
+
+
+def _seconds_since(ts: str | None, now: datetime) -> float | None:
+    if not ts:
+        return None
+    then = datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=now.tzinfo)
+    return max(0.0, (now - then).total_seconds())
+
+
+# ---------------------------------------------------------------------------
+# The decision
+
+
+class _Decision:
+    """Accumulates one reconcile's status edits and actions."""
+
+    def __init__(self, spec: CoPDRunSpec, status: RunStatus, now: datetime, gen: int):
+        self.spec, self.now, self.gen = spec, now, gen
+        self.s = status.model_copy(deep=True)
+        self.actions: list[Action] = []
+
+    def cond(self, type_: str, status: bool, reason: str, message: str = "") -> None:
+        self.s.conditions = set_condition(
+            self.s.conditions, type_, "True" if status else "False", reason, message, self.now, self.gen
+        )
+
+    def move_to(self, phase: Phase, stage: Stage | None, reason: str, message: str, warning: bool = False):
+        ended = phase_label(self.s)
+        duration = _seconds_since(self.s.stage_start_time, self.now)
+        self.s.phase, self.s.stage = phase, stage
+        self.s.stage_start_time = iso(self.now)
+        self.actions.append(Event("Warning" if warning else "Normal", reason, message,
+                                  ended=ended, duration_s=duration, started=phase_label(self.s)))
+
+    def start_stage(self, cycle: int, stage: Stage) -> None:
+        self.s.cycle = cycle
+        self.move_to(Phase.RUNNING, stage, R_STAGE_STARTED, f"cycle {cycle}: {stage.value}")
+        if stage != Stage.DIAGNOSE:
+            for name in self.s.branches:
+                self.s.branches[name] = BranchStatus(cycle=cycle, stage=stage.value)
+        self.ask_for_stage_work()
+
+    def ask_for_stage_work(self) -> None:
+        if self.s.stage == Stage.DIAGNOSE:
+            self.actions.append(RunDiagnose(self.s.cycle))
+            return
+        for name, b in self.s.branches.items():
+            if not b.done:
+                self.actions.append(RunBranchStage(name, self.s.cycle, self.s.stage))
+
+    def fail(self, reason: str, message: str) -> None:
+        self.move_to(Phase.FAILED, None, reason, message, warning=True)
+        self.s.completion_time = iso(self.now)
+        self.cond(COND_FAILED, True, reason, message)
+        self.cond(COND_PROGRESSING, False, reason, message)
+        self.actions.append(StopWork(reason))
+
+    def next_stage(self) -> Stage | None:
+        order = stages_of(self.spec)
+        i = order.index(self.s.stage)
+        return order[i + 1] if i + 1 < len(order) else None
+
+
+def fail_run(
+    status: RunStatus, reason: str, message: str, now: datetime, generation: int = 0
+) -> tuple[RunStatus, list[Action]]:
+    """The one failure decision, for executors that cannot call `decide` (e.g. a spec the apiserver
+    admitted but the model refuses): the same status edits, event and StopWork as a failure inside it."""
+    d = _Decision(None, status, now, generation)  # type: ignore[arg-type]  # failing needs no spec
+    d.s.observed_generation = generation
+    if d.s.phase in TERMINAL:
+        return d.s, []
+    d.fail(reason, message)
+    return d.s, d.actions
+
+
+def decide(
+    spec: CoPDRunSpec, status: RunStatus, observed: Observed, now: datetime, generation: int = 0
+) -> tuple[RunStatus, list[Action]]:
+    d = _Decision(spec, status, now, generation)
+    s = d.s
+    s.observed_generation = generation
+    for name in [b.name for b in spec.branches]:
+        s.branches.setdefault(name, BranchStatus())
+
+    if s.phase in TERMINAL:
+        return s, d.actions
+
+    if observed.invalid_spec:
+        d.fail(R_INVALID_SPEC, observed.invalid_spec)
+        return s, d.actions
+
+    # -- suspend / resume -----------------------------------------------------
+    if spec.suspend:
+        if s.phase != Phase.SUSPENDED:
+            d.move_to(Phase.SUSPENDED, s.stage, R_SUSPENDED, "spec.suspend is true: stopping after a checkpoint")
+            d.cond(COND_PROGRESSING, False, R_SUSPENDED, "suspended")
+        d.actions.append(StopWork(R_SUSPENDED))
+        return s, d.actions
+    if s.phase == Phase.SUSPENDED:
+        resumed_to = Phase.MERGING if s.stage is None and s.cycle > 0 else (
+            Phase.RUNNING if s.cycle > 0 else Phase.PENDING)
+        d.move_to(resumed_to, s.stage, R_RESUMED, "resuming from the last complete checkpoint")
+        if resumed_to != Phase.PENDING:
+            d.cond(COND_PROGRESSING, True, R_RESUMED, "training")
+
+    # -- Pending -> first stage -------------------------------------------------
+    if s.phase == Phase.PENDING:
+        s.start_time = s.start_time or iso(now)
+        d.cond(COND_READY, True, R_STARTED, "run accepted")
+        d.cond(COND_PROGRESSING, True, R_STARTED, "training")
+        d.cond(COND_MERGE_READY, False, "NotMeasured", "no diagnostics yet")
+        d.start_stage(1, stages_of(spec)[0])
+        return s, d.actions
+
+    # -- Running ----------------------------------------------------------------
+    if s.phase == Phase.RUNNING:
+        if s.stage == Stage.DIAGNOSE:
+            _decide_diagnose(d, observed)
+        else:
+            _decide_branch_stage(d, observed)
+        return s, d.actions
+
+    # -- Merging ----------------------------------------------------------------
+    if s.phase == Phase.MERGING:
+        m = observed.merge
+        if m is not None and m.failed:
+            d.cond(COND_SUCCEEDED, False, R_MERGE_FAILED, m.message)
+            d.fail(R_MERGE_FAILED, m.message or "merge failed")
+        elif m is not None and m.done:
+            s.merged_model = m.path
+            s.completion_time = iso(now)
+            d.move_to(Phase.SUCCEEDED, None, R_MERGED, f"merged model at {m.path}")
+            d.cond(COND_SUCCEEDED, True, R_MERGED, f"merged model at {m.path}")
+            d.cond(COND_PROGRESSING, False, R_MERGED, "done")
+            d.actions.append(StopWork(R_MERGED))
+        else:
+            d.actions.append(RunMerge(ready=s.merge_ready))
+    return s, d.actions
+
+
+def _decide_branch_stage(d: _Decision, observed: Observed) -> None:
+    s = d.s
+    for name, report in observed.branches.items():
+        if name not in s.branches or report.cycle != s.cycle or report.stage != s.stage:
+            continue  # a report about another stage: stale, ignore
+        if report.failed:
+            d.fail(R_BRANCH_FAILED, f"branch {name}, cycle {s.cycle} {s.stage.value}: {report.message}")
+            return
+        b = s.branches[name]
+        s.branches[name] = BranchStatus(
+            cycle=s.cycle, stage=s.stage.value, step=max(b.step, report.step),
+            reward=report.reward if report.reward is not None else b.reward,
+            done=b.done or report.done, message=report.message,
+        )
+    if all(b.done for b in s.branches.values()):
+        d.start_stage(s.cycle, d.next_stage())
+    else:
+        d.ask_for_stage_work()
+
+
+def _decide_diagnose(d: _Decision, observed: Observed) -> None:
+    s, spec = d.s, d.spec
+    rep = observed.diagnose
+    if rep is None or rep.cycle != s.cycle:
+        d.ask_for_stage_work()
+        return
+    if rep.failed:
+        d.fail(R_DIAGNOSE_FAILED, rep.message)
+        return
+    s.diagnostics = [DiagnosticStatus(**x.as_dict()) for x in rep.diagnostics]
+    if rep.diagnostics:
+        s.min_topk_overlap = min(x.topk_overlap for x in rep.diagnostics)
+        s.max_symmetric_kl = max(x.symmetric_kl for x in rep.diagnostics)
+    r = spec.merge_readiness
+    ready, reason, message = merge_readiness(
+        list(rep.diagnostics), s.cycle, r.min_cycles, r.min_topk_overlap, r.max_symmetric_kl
+    )
+    s.merge_ready = ready
+    d.cond(COND_MERGE_READY, ready, reason, message)
+    if ready:
+        d.move_to(Phase.MERGING, None, R_MERGING, f"branches aligned after cycle {s.cycle}: {message}")
+        d.actions.append(RunMerge(ready=True))
+    elif s.cycle < spec.schedule.cycles:
+        d.start_stage(s.cycle + 1, stages_of(spec)[0])
+    elif spec.merge.when_not_ready == NotReadyPolicy.MERGE:
+        d.move_to(Phase.MERGING, None, R_MERGE_WITHOUT_READINESS,
+                  f"last cycle ended without readiness ({message}); merging as merge.whenNotReady=merge",
+                  warning=True)
+        d.actions.append(RunMerge(ready=False))
+    else:
+        d.fail(R_NOT_ALIGNED, f"last cycle ended without readiness ({message}); merge.whenNotReady=fail")

@@ -1,0 +1,106 @@
+"""Loading and saving policies: any HF causal LM, or a Qwen-VL style VLM with its processor."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # one bar per checkpoint load/save drowns the run's own progress
+hf_logging.set_verbosity_error()
+
+@dataclass
+class Policy:
+    model: PreTrainedModel
+    tokenizer: object  # a PreTrainedTokenizerBase
+    processor: object | None = None  # VLMs only
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.processor is not None
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(self.eos_id if pad is None else pad)
+
+
+def _is_vlm_config(cfg) -> bool:
+    return getattr(cfg, "vision_config", None) is not None
+
+
+def load_policy(path: str | Path, kind: str = "auto", dtype: torch.dtype = torch.float32) -> Policy:
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
+    cfg = AutoConfig.from_pretrained(path)
+    vlm = kind == "vlm" or (kind == "auto" and _is_vlm_config(cfg))
+    if vlm:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(path)
+        return Policy(model=model, tokenizer=processor.tokenizer, processor=processor)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return Policy(model=model, tokenizer=AutoTokenizer.from_pretrained(path))
+
+
+def save_policy(policy: Policy, path: str | Path) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    policy.model.save_pretrained(path, safe_serialization=True)
+    (policy.processor or policy.tokenizer).save_pretrained(path)
+
+
+def atomic_dir(final: Path):
+    """A temp directory beside `final`; call `.commit()` to rename it into place."""
+    return _AtomicDir(Path(final))
+
+
+class _AtomicDir:
+    def __init__(self, final: Path):
+        self.final = final
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.final.name}-", dir=self.final.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        _fsync_tree(self.tmp)
+        try:
+            os.rename(self.tmp, self.final)
+        except OSError:
+            # someone else renamed an identical result into place first, or an old one is there
+            if self.final.exists():
+                old = self.final.with_name(f".old-{self.final.name}-{os.getpid()}")
+                os.rename(self.final, old)
+                os.rename(self.tmp, self.final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                raise
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

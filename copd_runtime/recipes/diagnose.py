@@ -1,0 +1,83 @@
+"""The per-cycle Diagnose stage: how aligned are the branches now?
+
+For every (student, teacher) direction of the topology, the student samples on
+a fixed probe set (the first `diagnostics.probePrompts` eval prompts of the
+teacher's domain, same seed every cycle) and both models' full next-token
+distributions are compared on those visited states: exact top-k overlap and
+exact symmetric KL, averaged over response tokens. The hub runs this (it holds
+every branch's weights); `copd run` runs it in-process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from copd_core.readiness import DirectionDiagnostic
+from copd_core.seeding import step_seed
+from copd_core.spec import CoPDRunSpec
+from copd_runtime.data.examples import Dataset
+from copd_runtime.maths.diagnostics import masked_mean, symmetric_kl_B_T, topk_overlap_B_T
+from copd_runtime.models.policy import Policy, load_policy
+from copd_runtime.rollout import forward_logits, sample
+
+
+@torch.no_grad()
+def _full_logprobs(policy: Policy, rollout, temperature: float) -> torch.Tensor:
+    logits = forward_logits(policy, rollout.input_ids, rollout.attention_mask, rollout.vision)[:, :-1]
+    return torch.nn.functional.pad(torch.log_softmax(logits.float() / temperature, -1), (0, 0, 1, 0))
+
+
+@torch.no_grad()
+def measure_direction(student: Policy, teacher: Policy, probe, k: int, max_new_tokens: int, temperature: float,
+                      seed: int) -> tuple[float, float]:
+    torch.manual_seed(seed)
+    rollout = sample(student, probe, max_new_tokens, temperature)
+    s = _full_logprobs(student, rollout, temperature)
+    t = _full_logprobs(teacher, rollout, temperature)
+    k = min(k, s.shape[-1])
+    overlap = topk_overlap_B_T(s.topk(k, -1).indices, t.topk(k, -1).indices)
+    skl = symmetric_kl_B_T(s, t)
+    return masked_mean(overlap, rollout.response_mask), masked_mean(skl, rollout.response_mask)
+
+
+def diagnose(spec: CoPDRunSpec, model_dirs: dict[str, Path], datasets: dict[str, Dataset], cycle: int
+             ) -> list[DirectionDiagnostic]:
+    policies = {name: load_policy(d, spec.base_model.kind) for name, d in model_dirs.items()}
+    out = []
+    for student, teacher in spec.directions():
+        probe = datasets[teacher].eval[: spec.diagnostics.probe_prompts]
+        ov, kl = measure_direction(
+            policies[student], policies[teacher], probe, spec.diagnostics.top_k, spec.rl.max_new_tokens,
+            spec.rl.temperature, step_seed(spec.seed, "probe", student, teacher),
+        )
+        out.append(DirectionDiagnostic(cycle, student, teacher, ov, kl))
+    return out
+
+
+TERMINATION_MESSAGE_BUDGET = 3500  # bytes; Kubernetes keeps at most 4096 of a termination message
+
+
+def compact_report(cycle: int, rows: list[DirectionDiagnostic], budget: int = TERMINATION_MESSAGE_BUDGET) -> dict:
+    """The diagnose result as the operator reads it from a termination message.
+
+    Rows are `[student, teacher, overlap, symmetric_kl]`. When every direction does
+    not fit (large meshes: K·(K−1) directions), only each student's lowest-overlap
+    and highest-KL directions are kept: the readiness test needs just the global
+    extremes, which are among them. The full list is always in the run's storage.
+    """
+    def row(d: DirectionDiagnostic) -> list:
+        return [d.student, d.teacher, round(d.topk_overlap, 4), round(d.symmetric_kl, 4)]
+
+    report = {"cycle": cycle, "directions": [row(d) for d in rows], "total": len(rows)}
+    if len(json.dumps(report)) <= budget:
+        return report
+    keep: list[DirectionDiagnostic] = []
+    for student in dict.fromkeys(d.student for d in rows):
+        mine = [d for d in rows if d.student == student]
+        for d in (min(mine, key=lambda x: x.topk_overlap), max(mine, key=lambda x: x.symmetric_kl)):
+            if d not in keep:
+                keep.append(d)
+    return {"cycle": cycle, "directions": [row(d) for d in keep], "total": len(rows), "partial": True}

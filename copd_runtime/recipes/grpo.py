@@ -1,0 +1,88 @@
+"""The RL phase: one GRPO step on a branch's own verifiable-reward data.
+
+Read top to bottom: pick prompts → sample G responses each (behaviour log-probs
+recorded) → verify → group-normalise rewards → clipped policy-gradient update,
+token mean over the batch.
+
+Departures from GRPO as published: no reference KL by default (`rl.klCoef` = 0);
+clip-higher (separate ε_low/ε_high); token-mean loss. Truncated responses (no EOS
+within `maxNewTokens`) follow `rl.truncation`: `zero-reward` (default) scores
+them 0 and keeps them in the loss, so the policy learns to stop; `mask` drops
+them from the loss (their group still uses them for the mean/std).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from copd_core.spec import RLSpec, TruncationRule
+from copd_runtime.data.examples import Dataset, Example
+from copd_runtime.data.rewards import score
+from copd_runtime.maths.losses import clipped_pg_loss, group_advantages_P_G
+from copd_runtime.models.policy import Policy
+from copd_runtime.rollout import Rollout, sample, sequence_logprobs
+
+
+def rewards_of(rollout: Rollout, dataset: Dataset, rule: TruncationRule) -> torch.Tensor:
+    r = torch.tensor([score(text, ex.answer, dataset.reward) for text, ex in zip(rollout.responses, rollout.examples)])
+    if rule == TruncationRule.ZERO_REWARD:
+        r = torch.where(rollout.truncated, torch.zeros_like(r), r)
+    return r
+
+
+def policy_update(
+    policy: Policy, optimizer, rollout: Rollout, advantages_N_T: torch.Tensor, loss_mask_N_T: torch.Tensor,
+    rl: RLSpec,
+) -> dict[str, float]:
+    """The clipped update shared by RL and OPD, over `rl.miniBatches` slices of the batch."""
+    stats = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 1.0, "skipped": 0.0}
+    if not bool((advantages_N_T * loss_mask_N_T).abs().gt(0).any()):
+        # No signal (uniform groups, or a teacher identical to the student): an optimizer
+        # step on a zero gradient would still move the weights through Adam's momentum.
+        stats["skipped"] = 1.0
+        return stats
+    policy.model.train()
+    n = len(rollout)
+    order = list(range(n))
+    chunks = [order[i :: rl.mini_batches] for i in range(rl.mini_batches) if order[i :: rl.mini_batches]]
+    stats["ratio_mean"] = 0.0
+    for rows in chunks:
+        sub = rollout.select(rows)
+        idx = torch.tensor(rows)
+        logprobs = sequence_logprobs(policy, sub, rl.temperature)
+        loss, s = clipped_pg_loss(
+            logprobs, sub.old_logprobs, advantages_N_T[idx], loss_mask_N_T[idx], rl.clip_eps_low, rl.clip_eps_high
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
+        optimizer.step()
+        stats["loss"] += loss.item() / len(chunks)
+        stats["clip_frac"] += s["clip_frac"] / len(chunks)
+        stats["ratio_mean"] += s["ratio_mean"] / len(chunks)
+    policy.model.eval()
+    return stats
+
+
+def grpo_step(policy: Policy, optimizer, dataset: Dataset, rl: RLSpec, rng: random.Random) -> dict[str, float]:
+    prompts: list[Example] = rng.sample(dataset.train, min(rl.batch_size, len(dataset.train)))
+    group = [ex for ex in prompts for _ in range(rl.group_size)]  # P*G rows, group-major
+
+    rollout = sample(policy, group, rl.max_new_tokens, rl.temperature)
+    rewards_P_G = rewards_of(rollout, dataset, rl.truncation).view(len(prompts), rl.group_size)
+    adv_N = group_advantages_P_G(rewards_P_G).reshape(-1)
+
+    loss_mask = rollout.response_mask.clone()
+    if rl.truncation == TruncationRule.MASK:
+        loss_mask[rollout.truncated] = 0.0
+    advantages = adv_N.unsqueeze(1) * loss_mask
+
+    stats = policy_update(policy, optimizer, rollout, advantages, loss_mask, rl)
+    return {
+        "reward_mean": rewards_P_G.mean().item(),
+        "tokens": int(rollout.response_mask.sum().item()),
+        "truncated_frac": rollout.truncated.float().mean().item(),
+        **stats,
+    }

@@ -1,0 +1,109 @@
+"""Run one stage (RL or OPD) of one branch: the phase entry point both executors launch.
+
+Resumes from the branch's newest complete checkpoint; checkpoints every
+`every` steps and at the end of the stage; returns a report (what the cycle
+decision needs: step, reward, done). Each step's seed is derived from
+(run seed, branch, cycle, stage, step), so a resumed stage replays the same
+samples it would have drawn.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from copd_core.cycle import Stage, steps_of
+from copd_core.seeding import step_seed
+from copd_core.spec import CoPDRunSpec
+from copd_runtime.checkpoint import Counters, latest_checkpoint, load_optimizer_and_rng, save_checkpoint
+from copd_runtime.data.datasets import load_dataset
+from copd_runtime.data.examples import Dataset
+from copd_runtime.model_uri import resolve_model_dir
+from copd_runtime.models.policy import load_policy
+from copd_runtime.recipes.grpo import grpo_step
+from copd_runtime.recipes.opd import opd_step
+
+MetricSink = Callable[[dict], None]
+
+
+def branch_datasets(spec: CoPDRunSpec, storage: Path) -> dict[str, Dataset]:
+    return {
+        b.name: load_dataset(b.name, b.dataset, b.reward, storage, spec.seed)
+        for b in spec.branches
+    }
+
+
+def stage_start_model(spec: CoPDRunSpec, storage: Path, branch: str, cycle: int, stage: str) -> Path:
+    """The weights a branch had when (cycle, stage) began: its frozen teacher snapshot."""
+    ck = latest_checkpoint(storage, branch, before=(cycle, stage))
+    return ck[1] if ck else resolve_model_dir(spec.base_model.uri, storage)
+
+
+def run_branch_stage(
+    spec: CoPDRunSpec,
+    storage: Path,
+    branch: str,
+    cycle: int,
+    stage: Stage,
+    hub=None,
+    sink: MetricSink | None = None,
+    run_name: str = "run",
+    checkpoint_every: int = 0,
+    datasets: dict[str, Dataset] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict:
+    total = steps_of(spec, stage)
+    datasets = datasets or branch_datasets(spec, storage)
+    base = resolve_model_dir(spec.base_model.uri, storage)
+
+    latest = latest_checkpoint(storage, branch)
+    here = (cycle, stage.value)
+    if latest and (latest[0].cycle, latest[0].stage) == here:
+        start_dir, start_step = latest[1], latest[0].step
+    else:
+        start_dir, start_step = stage_start_model(spec, storage, branch, cycle, stage.value), 0
+    if start_step >= total:
+        return {"cycle": cycle, "stage": stage.value, "step": total, "done": True, "reward": None,
+                "message": "already complete"}
+
+    policy = load_policy(start_dir, spec.base_model.kind)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=spec.rl.learning_rate, weight_decay=0.0)
+    if start_dir != base and (start_dir / "optimizer.pt").exists():
+        load_optimizer_and_rng(start_dir, optimizer)
+        for g in optimizer.param_groups:
+            g["lr"] = spec.rl.learning_rate
+
+    rewards: list[float] = []
+    step = start_step
+    for step in range(start_step, total):
+        if should_stop():
+            save_checkpoint(storage, branch, policy, optimizer, Counters(cycle, stage.value, step, total))
+            return {"cycle": cycle, "stage": stage.value, "step": step, "done": False,
+                    "reward": _mean(rewards), "message": "stopped after a checkpoint"}
+        seed = step_seed(spec.seed, branch, cycle, stage.value, step)
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        t0 = time.perf_counter()
+        if stage == Stage.RL:
+            m = grpo_step(policy, optimizer, datasets[branch], spec.rl, rng)
+        else:
+            peers = {t: datasets[t] for t in spec.teachers_of(branch)}
+            m = opd_step(policy, optimizer, peers, hub, spec.beta_for(branch), spec.rl, spec.opd,
+                         spec.diagnostics, rng)
+        rewards.append(m["reward_mean"])
+        if sink:
+            sink({"run": run_name, "branch": branch, "phase": stage.value, "cycle": cycle, "step": step + 1,
+                  "steps": total, "seconds": round(time.perf_counter() - t0, 4), **m})
+        done = step + 1 == total
+        if done or (checkpoint_every and (step + 1) % checkpoint_every == 0):
+            save_checkpoint(storage, branch, policy, optimizer, Counters(cycle, stage.value, step + 1, total))
+    return {"cycle": cycle, "stage": stage.value, "step": total, "done": True, "reward": _mean(rewards),
+            "message": ""}
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None

@@ -1,0 +1,289 @@
+"""Pure `build_*` builders: manifests (plain dicts) for every child of a CoPDRun.
+
+    CoPDRun <run>
+     ├─ PersistentVolumeClaim <run>-storage         (unless spec.storage.claimName)
+     ├─ Branch <run>-<branch>                       (one per spec branch)
+     │    └─ Job <run>-<branch>-c<cycle>-<stage>    (trainer: `copd stage`, one per stage)
+     ├─ Pod + Service <run>-hub-c<cycle>            (during OPD only: `copd hub`)
+     ├─ Job <run>-diagnose-c<cycle>                 (`copd diagnose`)
+     └─ Job <run>-merge                             (`copd merge`)
+
+Every child carries an owner reference (deletion cascades) and the labels in
+naming.py (the gatherer lists by `copd.io/run`). Pods get the whole manifest in
+env COPD_MANIFEST (`--manifest env:COPD_MANIFEST`: no ConfigMap to keep in sync)
+and the run's storage mounted at spec.storage.path. Each entry point writes its
+one-line JSON report to /dev/termination-log, which is how results come back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from copd_core.spec import CoPDRunSpec, ResourceSpec
+from copd_operator.logic.naming import (
+    BRANCH_KIND,
+    GROUP,
+    HUB_PORT,
+    LABEL_BRANCH,
+    LABEL_COMPONENT,
+    LABEL_CYCLE,
+    LABEL_MANAGED,
+    LABEL_RUN,
+    LABEL_STAGE,
+    MANAGER,
+    MANIFEST_ENV,
+    RUN_KIND,
+    STORAGE_VOLUME,
+    TERMINATION_LOG,
+    TRAINER_CONTAINER,
+    VERSION,
+    branch_cr_name,
+    diagnose_job_name,
+    hub_name,
+    hub_port_for,
+    merge_job_name,
+    pvc_name,
+    stage_job_name,
+)
+
+EXIT_BAD_INPUT = 2  # `copd` exits 2 for a bad manifest/arguments: retrying cannot help
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Flags that shape what the operator builds (main.py fills it)."""
+
+    trainer_command: tuple[str, ...] = ("copd",)
+    hub_address: str = "service"  # "service": <hub>.<ns>.svc:8000; "pod-ip": the hub pod's IP
+    checkpoint_every: int = 2
+    trainer_service_account: str = "copd-trainer"
+    backoff_limit: int = 2
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """What builders need to know about the parent CoPDRun object."""
+
+    name: str
+    namespace: str
+    uid: str
+    spec: CoPDRunSpec
+
+    @property
+    def owner(self) -> dict:
+        return owner_ref(RUN_KIND, self.name, self.uid)
+
+
+def owner_ref(kind: str, name: str, uid: str) -> dict:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "name": name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def labels(run: str, component: str, **extra: object) -> dict[str, str]:
+    out = {LABEL_MANAGED: MANAGER, LABEL_RUN: run, LABEL_COMPONENT: component}
+    keys = {"branch": LABEL_BRANCH, "cycle": LABEL_CYCLE, "stage": LABEL_STAGE}
+    out.update({keys[k]: str(v) for k, v in extra.items() if v is not None})
+    return out
+
+
+def manifest_json(run: RunRef) -> str:
+    return json.dumps({
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": RUN_KIND,
+        "metadata": {"name": run.name, "namespace": run.namespace},
+        "spec": run.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+    }, separators=(",", ":"))
+
+
+def claim_name(run: RunRef) -> str:
+    return run.spec.storage.claim_name or pvc_name(run.name)
+
+
+# ---------------------------------------------------------------------------
+# Storage and Branch objects
+
+
+def build_pvc(run: RunRef) -> dict:
+    st = run.spec.storage
+    spec = {"accessModes": [st.access_mode], "resources": {"requests": {"storage": st.size}}}
+    if st.storage_class_name:
+        spec["storageClassName"] = st.storage_class_name
+    return {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": pvc_name(run.name), "namespace": run.namespace,
+                     "labels": labels(run.name, "storage"), "ownerReferences": [run.owner]},
+        "spec": spec,
+    }
+
+
+def build_branch(run: RunRef, branch: str, cycle: int = 0, stage: str | None = None,
+                 hub_url: str | None = None) -> dict:
+    spec = {"run": run.name, "branch": branch, "cycle": cycle, "suspend": run.spec.suspend}
+    if stage:
+        spec["stage"] = stage
+    if hub_url:
+        spec["hubUrl"] = hub_url
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": BRANCH_KIND,
+        "metadata": {"name": branch_cr_name(run.name, branch), "namespace": run.namespace,
+                     "labels": labels(run.name, "branch", branch=branch), "ownerReferences": [run.owner]},
+        "spec": spec,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Pods
+
+
+def _resources(r: ResourceSpec, gpu: bool = True) -> dict:
+    amounts = {"cpu": r.cpu, "memory": r.memory}
+    limits = dict(amounts)
+    if gpu and r.gpu > 0:
+        limits["nvidia.com/gpu"] = str(r.gpu)
+    return {"requests": amounts, "limits": limits}
+
+
+def _container(run: RunRef, cfg: OperatorConfig, args: list[str], resources: dict, ports: list | None = None) -> dict:
+    spec = run.spec
+    env = {MANIFEST_ENV: manifest_json(run), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+           **cfg.extra_env, **spec.trainer.env}
+    c = {
+        "name": TRAINER_CONTAINER,
+        "image": spec.trainer.image,
+        "command": list(cfg.trainer_command),
+        "args": args,
+        "env": [{"name": k, "value": v} for k, v in env.items()],
+        "resources": resources,
+        "volumeMounts": [{"name": STORAGE_VOLUME, "mountPath": spec.storage.path}],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if ports:
+        c["ports"] = ports
+    return c
+
+
+def _pod_spec(run: RunRef, cfg: OperatorConfig, container: dict, restart: str) -> dict:
+    t = run.spec.trainer
+    spec: dict = {
+        "restartPolicy": restart,
+        "serviceAccountName": cfg.trainer_service_account,
+        "automountServiceAccountToken": False,  # trainers report by termination message: no API access
+        "containers": [container],
+        "volumes": [{"name": STORAGE_VOLUME, "persistentVolumeClaim": {"claimName": claim_name(run)}}],
+    }
+    if t.node_selector:
+        spec["nodeSelector"] = dict(t.node_selector)
+    if t.tolerations:
+        spec["tolerations"] = [x.model_dump(by_alias=True, exclude_none=True) for x in t.tolerations]
+    if t.priority_class_name:
+        spec["priorityClassName"] = t.priority_class_name
+    if t.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": n} for n in t.image_pull_secrets]
+    return spec
+
+
+def _job(run: RunRef, cfg: OperatorConfig, name: str, lab: dict, owner: dict, container: dict,
+         suspend: bool = False) -> dict:
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": run.namespace, "labels": lab, "ownerReferences": [owner]},
+        "spec": {
+            "backoffLimit": cfg.backoff_limit,
+            "suspend": suspend,
+            # a bad manifest/argument (exit 2) fails the Job at once; anything else retries from the checkpoint
+            "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+                "containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]}}]},
+            "template": {
+                "metadata": {"labels": lab},
+                "spec": _pod_spec(run, cfg, container, "Never"),
+            },
+        },
+    }
+
+
+def build_stage_job(run: RunRef, cfg: OperatorConfig, branch: str, branch_uid: str, cycle: int, stage: str,
+                    hub_url: str | None = None) -> dict:
+    """The trainer of one (branch, cycle, stage): `copd stage`, resuming from the newest checkpoint."""
+    args = ["stage", "--manifest", f"env:{MANIFEST_ENV}", "--storage", run.spec.storage.path,
+            "--branch", branch, "--cycle", str(cycle), "--stage", stage,
+            "--checkpoint-every", str(cfg.checkpoint_every), "--report-file", TERMINATION_LOG]
+    if hub_url:
+        args += ["--hub-url", hub_url]
+    lab = labels(run.name, "trainer", branch=branch, cycle=cycle, stage=stage)
+    container = _container(run, cfg, args, _resources(run.spec.trainer.resources))
+    return _job(run, cfg, stage_job_name(run.name, branch, cycle, stage), lab,
+                owner_ref(BRANCH_KIND, branch_cr_name(run.name, branch), branch_uid), container,
+                suspend=run.spec.suspend)
+
+
+def build_diagnose_job(run: RunRef, cfg: OperatorConfig, cycle: int) -> dict:
+    args = ["diagnose", "--manifest", f"env:{MANIFEST_ENV}", "--storage", run.spec.storage.path,
+            "--cycle", str(cycle), "--report-file", TERMINATION_LOG]
+    container = _container(run, cfg, args, _resources(run.spec.trainer.hub_resources))
+    return _job(run, cfg, diagnose_job_name(run.name, cycle), labels(run.name, "diagnose", cycle=cycle),
+                run.owner, container)
+
+
+def merged_path(spec: CoPDRunSpec) -> str:
+    return spec.storage.path.rstrip("/") + "/merged"
+
+
+def build_merge_job(run: RunRef, cfg: OperatorConfig) -> dict:
+    args = ["merge", "--manifest", f"env:{MANIFEST_ENV}", "--storage", run.spec.storage.path,
+            "--output", merged_path(run.spec), "--report-file", TERMINATION_LOG]
+    container = _container(run, cfg, args, _resources(run.spec.trainer.hub_resources, gpu=False))
+    return _job(run, cfg, merge_job_name(run.name), labels(run.name, "merge"), run.owner, container)
+
+
+def hub_port(run: RunRef, cfg: OperatorConfig, cycle: int) -> int:
+    return HUB_PORT if cfg.hub_address == "service" else hub_port_for(run.namespace, run.name, cycle)
+
+
+def build_hub_pod(run: RunRef, cfg: OperatorConfig, cycle: int) -> dict:
+    """`copd hub`: teachers frozen at the start of OPD of `cycle`; lives for that stage only."""
+    port = hub_port(run, cfg, cycle)
+    args = ["hub", "--manifest", f"env:{MANIFEST_ENV}", "--storage", run.spec.storage.path,
+            "--cycle", str(cycle), "--port", str(port), "--host", "0.0.0.0"]
+    lab = labels(run.name, "hub", cycle=cycle)
+    container = _container(run, cfg, args, _resources(run.spec.trainer.hub_resources),
+                           ports=[{"name": "hub", "containerPort": port}])
+    container["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": port}, "periodSeconds": 5}
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": hub_name(run.name, cycle), "namespace": run.namespace, "labels": lab,
+                     "ownerReferences": [run.owner]},
+        "spec": _pod_spec(run, cfg, container, "Always"),
+    }
+
+
+def build_hub_service(run: RunRef, cfg: OperatorConfig, cycle: int) -> dict:
+    port = hub_port(run, cfg, cycle)
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": hub_name(run.name, cycle), "namespace": run.namespace,
+                     "labels": labels(run.name, "hub", cycle=cycle), "ownerReferences": [run.owner]},
+        "spec": {"selector": {LABEL_RUN: run.name, LABEL_COMPONENT: "hub", LABEL_CYCLE: str(cycle)},
+                 "ports": [{"name": "hub", "port": port, "targetPort": port}]},
+    }
+
+
+def hub_url(run: RunRef, cfg: OperatorConfig, cycle: int, pod_ip: str | None) -> str | None:
+    """None while the address is not known yet (pod-ip mode, hub pod without an IP)."""
+    port = hub_port(run, cfg, cycle)
+    if cfg.hub_address == "service":
+        return f"http://{hub_name(run.name, cycle)}.{run.namespace}.svc:{port}"
+    return f"http://{pod_ip}:{port}" if pod_ip else None
+
+
+def build_event(run: RunRef, type_: str, reason: str, message: str, now_iso: str, suffix: str) -> dict:
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": f"{run.name}.{suffix}", "namespace": run.namespace},
+        "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": RUN_KIND, "name": run.name,
+                           "namespace": run.namespace, "uid": run.uid},
+        "type": type_, "reason": reason, "message": message[:1024],
+        "firstTimestamp": now_iso, "lastTimestamp": now_iso, "count": 1,
+        "source": {"component": MANAGER}, "reportingComponent": MANAGER, "reportingInstance": MANAGER,
+    }

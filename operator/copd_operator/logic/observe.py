@@ -1,0 +1,205 @@
+"""Pure: what the gathered children say, as `copd_core.cycle.Observed` and Branch statuses.
+
+How results come back: every entry point (`copd stage|diagnose|merge`) writes a
+one-line JSON report to /dev/termination-log; the kubelet (or the process node)
+copies it into the pod's `containerStatuses[].state.terminated.message`. The
+operator reads it from the Job's pod: no trainer needs API credentials, and a
+report survives an operator restart for as long as the pod exists.
+
+A Job that succeeded with an empty or unparsable message (KWOK's fake pods,
+or a report lost with its pod) counts as "done, nothing measured": a stage is
+done with its full step count, a diagnose has no diagnostics (readiness false,
+then the merge follows spec.merge.whenNotReady), a merge is at its default path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from copd_core.cycle import (
+    TERMINAL,
+    BranchReport,
+    DiagnoseReport,
+    MergeReport,
+    Observed,
+    Phase,
+    RunStatus,
+    Stage,
+    steps_of,
+)
+from copd_core.readiness import DirectionDiagnostic
+from copd_core.spec import CoPDRunSpec
+from copd_operator.api import BranchCRStatus
+from copd_operator.logic.builders import merged_path
+
+from . import naming
+
+PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    state: str  # Pending | Running | Succeeded | Failed | Suspended
+    report: dict | None = None  # the parsed termination message of the pod that decided it
+    message: str = ""
+
+
+@dataclass
+class Snapshot:
+    """Everything one reconcile read from the cluster about one run (gather.py fills it)."""
+
+    run: dict
+    branches: dict[str, dict] = field(default_factory=dict)  # branch name -> Branch object
+    jobs: dict[str, dict] = field(default_factory=dict)  # job name -> Job
+    pods: list[dict] = field(default_factory=list)  # pods labelled with the run
+    services: dict[str, dict] = field(default_factory=dict)
+    pvc_exists: bool = False
+    claim_missing: str | None = None  # a spec.storage.claimName that does not exist
+    priority_class_missing: str | None = None
+    trainer_sa_exists: bool = True
+
+    def pods_of_job(self, job: str) -> list[dict]:
+        return [p for p in self.pods if (p["metadata"].get("labels") or {}).get("job-name") == job
+                or (p["metadata"].get("labels") or {}).get("batch.kubernetes.io/job-name") == job]
+
+    def pod(self, name: str) -> dict | None:
+        return next((p for p in self.pods if p["metadata"]["name"] == name), None)
+
+
+def _terminated(pod: dict) -> dict | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated")
+        if term:
+            return term
+    return None
+
+
+def parse_report(message: str | None) -> dict | None:
+    """The last line of a termination message that is a JSON object, else None."""
+    for line in reversed((message or "").strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                return None
+            return obj if isinstance(obj, dict) else None
+    return None
+
+
+def _condition(obj: dict, type_: str) -> bool:
+    return any(c.get("type") == type_ and c.get("status") == "True"
+               for c in (obj.get("status") or {}).get("conditions") or [])
+
+
+def job_outcome(job: dict | None, pods: list[dict]) -> JobOutcome | None:
+    if job is None:
+        return None
+    st = job.get("status") or {}
+    finished = sorted((p for p in pods if _terminated(p)),
+                      key=lambda p: _terminated(p).get("finishedAt") or "")
+    if _condition(job, "Complete") or _condition(job, "SuccessCriteriaMet") or st.get("succeeded", 0) > 0:
+        ok = [p for p in finished if _terminated(p).get("exitCode") == 0]
+        msg = _terminated(ok[-1]).get("message", "") if ok else ""
+        return JobOutcome(SUCCEEDED, parse_report(msg), msg)
+    if _condition(job, "Failed") or _condition(job, "FailureTarget"):
+        msg = _terminated(finished[-1]).get("message", "") if finished else ""
+        reasons = [c.get("message", "") for c in st.get("conditions") or [] if c.get("type") == "Failed"]
+        rep = parse_report(msg)
+        text = (rep or {}).get("message") or msg.strip()[-500:] or "; ".join(reasons) or "job failed"
+        return JobOutcome(FAILED, rep, text)
+    if (job.get("spec") or {}).get("suspend"):
+        return JobOutcome(SUSPENDED)
+    return JobOutcome(RUNNING if st.get("active", 0) > 0 else PENDING)
+
+
+def branch_report(spec: CoPDRunSpec, cycle: int, stage: Stage, outcome: JobOutcome | None) -> BranchReport | None:
+    if outcome is None:
+        return None
+    rep = outcome.report or {}
+    if outcome.state == FAILED or rep.get("failed"):
+        return BranchReport(cycle, stage, failed=True, message=outcome.message or rep.get("message", ""))
+    if outcome.state == SUCCEEDED:
+        return BranchReport(cycle, stage, step=int(rep.get("step", steps_of(spec, stage))),
+                            reward=rep.get("reward"), done=bool(rep.get("done", True)),
+                            message=rep.get("message", "") if outcome.report else "no report (empty message)")
+    return BranchReport(cycle, stage)
+
+
+def diagnose_report(cycle: int, outcome: JobOutcome | None) -> DiagnoseReport | None:
+    if outcome is None or outcome.state not in (SUCCEEDED, FAILED):
+        return None
+    if outcome.state == FAILED:
+        return DiagnoseReport(cycle, failed=True, message=outcome.message)
+    report = outcome.report or {}
+    # compact rows [student, teacher, overlap, symmetric KL] (`copd diagnose`; for large meshes only
+    # each student's extremes, which is all the readiness test needs), or the older list of dicts
+    diags = tuple(DirectionDiagnostic(cycle, s, t, float(o), float(k)) for s, t, o, k in report.get("directions") or [])
+    diags += tuple(DirectionDiagnostic(int(r["cycle"]), r["student"], r["teacher"], float(r["topk_overlap"]),
+                                       float(r["symmetric_kl"])) for r in report.get("diagnostics") or [])
+    return DiagnoseReport(cycle, diags)
+
+
+def merge_report(outcome: JobOutcome | None, default_path: str) -> MergeReport | None:
+    if outcome is None or outcome.state not in (SUCCEEDED, FAILED):
+        return None
+    if outcome.state == FAILED:
+        return MergeReport(failed=True, message=outcome.message)
+    # the path inside the run's storage as pods see it (a node may report its own local path)
+    return MergeReport(done=True, path=default_path)
+
+
+def invalid_spec(snap: Snapshot) -> str | None:
+    """What the apiserver cannot judge but makes the run impossible."""
+    problems = []
+    if snap.claim_missing:
+        problems.append(f"storage.claimName: PersistentVolumeClaim {snap.claim_missing!r} not found")
+    if snap.priority_class_missing:
+        problems.append(f"trainer.priorityClassName: PriorityClass {snap.priority_class_missing!r} not found")
+    return "; ".join(problems) or None
+
+
+def observe(spec: CoPDRunSpec, status: RunStatus, snap: Snapshot) -> Observed:
+    run = snap.run["metadata"]["name"]
+    branches: dict[str, BranchReport] = {}
+    if status.phase == Phase.RUNNING and status.stage in (Stage.RL, Stage.OPD):
+        for b in spec.branches:
+            job = naming.stage_job_name(run, b.name, status.cycle, status.stage.value)
+            rep = branch_report(spec, status.cycle, status.stage,
+                                job_outcome(snap.jobs.get(job), snap.pods_of_job(job)))
+            if rep is not None:
+                branches[b.name] = rep
+    diag = None
+    if status.cycle:
+        job = naming.diagnose_job_name(run, status.cycle)
+        diag = diagnose_report(status.cycle, job_outcome(snap.jobs.get(job), snap.pods_of_job(job)))
+    merge = None
+    if status.phase == Phase.MERGING:
+        job = naming.merge_job_name(run)
+        merge = merge_report(job_outcome(snap.jobs.get(job), snap.pods_of_job(job)), merged_path(spec))
+    return Observed(branches=branches, diagnose=diag, merge=merge, invalid_spec=invalid_spec(snap))
+
+
+def branch_cr_status(status: RunStatus, name: str, steps: int, outcome: JobOutcome | None, job: str | None,
+                     generation: int) -> dict[str, Any]:
+    """The Branch object's status: the run's view of the branch plus its trainer Job's state."""
+    b = status.branches.get(name)
+    if status.phase in TERMINAL:
+        phase = status.phase.value
+    elif status.phase == Phase.SUSPENDED:
+        phase = SUSPENDED
+    elif b is not None and b.done or status.stage == Stage.DIAGNOSE or status.phase == Phase.MERGING:
+        phase = "Waiting"
+    elif outcome is not None and outcome.state in (RUNNING, FAILED, SUCCEEDED):
+        phase = RUNNING if outcome.state == SUCCEEDED else outcome.state
+    else:
+        phase = PENDING
+    out = BranchCRStatus(
+        phase=phase, cycle=b.cycle if b else 0, stage=b.stage if b else None, step=b.step if b else 0,
+        steps=steps, reward=b.reward if b else None, done=b.done if b else False,
+        message=(b.message if b else "") or (outcome.message if outcome and outcome.state == FAILED else ""),
+        job=job, observed_generation=generation,
+    )
+    return out.to_k8s()

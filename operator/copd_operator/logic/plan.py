@@ -1,0 +1,208 @@
+"""Pure: turn one decision (new status + actions) and the snapshot into operations on children.
+
+Level-based: the plan depends only on (spec, new status, actions, snapshot), so a
+restarted operator, or the same reconcile run twice, plans the same idempotent
+operations. Creates of existing names are skipped here and tolerated (409) by act.
+
+    children wanted                    when
+    PVC <run>-storage                  no spec.storage.claimName, until the run ends
+    Branch <run>-<b>  (spec, status)   always; spec = (cycle, stage) the run wants
+    Job <run>-<b>-c<c>-<stage>         RunBranchStage (OPD: once the hub's address is known)
+    Pod/Service <run>-hub-c<c>         phase Running, stage OPD
+    Job <run>-diagnose-c<c>            RunDiagnose
+    Job <run>-merge                    RunMerge
+    unfinished Jobs                    suspended while Suspended, deleted once Succeeded/Failed
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from copd_core.conditions import iso
+from copd_core.cycle import (
+    TERMINAL,
+    Event,
+    Phase,
+    RunBranchStage,
+    RunDiagnose,
+    RunMerge,
+    RunStatus,
+    Stage,
+    steps_of,
+)
+from copd_operator.logic.builders import (
+    OperatorConfig,
+    RunRef,
+    build_branch,
+    build_diagnose_job,
+    build_event,
+    build_hub_pod,
+    build_hub_service,
+    build_merge_job,
+    build_pvc,
+    build_stage_job,
+    hub_url,
+    labels,
+)
+from copd_operator.logic.naming import (
+    LABEL_COMPONENT,
+    branch_cr_name,
+    diagnose_job_name,
+    hub_name,
+    merge_job_name,
+    stage_job_name,
+)
+from copd_operator.logic.observe import FAILED, SUCCEEDED, Snapshot, branch_cr_status, job_outcome
+
+
+@dataclass(frozen=True)
+class Create:
+    obj: dict
+
+
+@dataclass(frozen=True)
+class Patch:
+    kind: str
+    name: str
+    body: dict
+    status: bool = False  # the status subresource
+
+
+@dataclass(frozen=True)
+class Delete:
+    kind: str
+    name: str
+
+
+Op = Create | Patch | Delete
+
+
+def replacing(old: dict | None, new: dict) -> dict:
+    """A JSON merge patch that makes `old` equal `new` at the top level (absent keys -> null)."""
+    body = dict(new)
+    for k in old or {}:
+        if k not in new:
+            body[k] = None
+    return body
+
+
+def build_trainer_service_account(run: RunRef, cfg: OperatorConfig) -> dict:
+    # Shared by every run of the namespace, so no owner: it outlives any one run.
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": cfg.trainer_service_account, "namespace": run.namespace,
+                         "labels": {k: v for k, v in labels(run.name, "trainer").items() if k != "copd.io/run"}},
+            "automountServiceAccountToken": False}
+
+
+def current_hub(status: RunStatus) -> int | None:
+    """The cycle whose hub should be serving, if any."""
+    if status.phase == Phase.RUNNING and status.stage == Stage.OPD:
+        return status.cycle
+    return None
+
+
+def _finished(job: dict) -> bool:
+    o = job_outcome(job, [])
+    return o is not None and o.state in (SUCCEEDED, FAILED)
+
+
+def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, snap: Snapshot,
+         now: datetime, generation: int) -> list[Op]:
+    spec, name = run.spec, run.name
+    ops: list[Op] = []
+
+    # -- storage and the trainer identity -------------------------------------------
+    if spec.storage.claim_name is None and not snap.pvc_exists and status.phase not in TERMINAL:
+        ops.append(Create(build_pvc(run)))
+    if not snap.trainer_sa_exists:
+        ops.append(Create(build_trainer_service_account(run, cfg)))
+
+    # -- the hub of the current OPD stage --------------------------------------------
+    hub_cycle = current_hub(status)
+    url = None
+    if hub_cycle is not None:
+        hub = hub_name(name, hub_cycle)
+        pod = snap.pod(hub)
+        if pod is None:
+            ops.append(Create(build_hub_pod(run, cfg, hub_cycle)))
+        if cfg.hub_address == "service" and hub not in snap.services:
+            ops.append(Create(build_hub_service(run, cfg, hub_cycle)))
+        url = hub_url(run, cfg, hub_cycle, ((pod or {}).get("status") or {}).get("podIP"))
+    wanted_hub = hub_name(name, hub_cycle) if hub_cycle is not None else None
+    for p in snap.pods:
+        labels_ = p["metadata"].get("labels") or {}
+        if labels_.get(LABEL_COMPONENT) == "hub" and p["metadata"]["name"] != wanted_hub \
+                and not p["metadata"].get("deletionTimestamp"):
+            ops.append(Delete("Pod", p["metadata"]["name"]))
+    for svc in snap.services:
+        if svc != wanted_hub:
+            ops.append(Delete("Service", svc))
+
+    # -- Branch objects --------------------------------------------------------------
+    stage_now = status.stage.value if status.phase == Phase.RUNNING and status.stage in (Stage.RL, Stage.OPD) \
+        else None
+    for b in spec.branches:
+        cr = snap.branches.get(b.name)
+        if cr is None:
+            continue  # reconcile creates missing Branch objects before planning
+        want = build_branch(run, b.name, status.cycle, stage_now, url if stage_now == "OPD" else None)["spec"]
+        if cr.get("spec") != want:
+            ops.append(Patch("Branch", cr["metadata"]["name"], {"spec": replacing(cr.get("spec"), want)}))
+        job = stage_job_name(name, b.name, status.cycle, stage_now) if stage_now else None
+        outcome = job_outcome(snap.jobs.get(job), snap.pods_of_job(job)) if job else None
+        st = branch_cr_status(status, b.name, steps_of(spec, Stage(stage_now)) if stage_now else 0, outcome,
+                              job if job in snap.jobs else None, generation)
+        if cr.get("status") != st:
+            ops.append(Patch("Branch", cr["metadata"]["name"], {"status": replacing(cr.get("status"), st)},
+                             status=True))
+
+    # -- work the decision asked for ---------------------------------------------------
+    events = []
+    for a in actions:
+        if isinstance(a, RunBranchStage):
+            job = stage_job_name(name, a.branch, a.cycle, a.stage.value)
+            existing = snap.jobs.get(job)
+            if existing is not None:
+                if (existing.get("spec") or {}).get("suspend") and not spec.suspend:
+                    ops.append(Patch("Job", job, {"spec": {"suspend": False}}))
+                continue
+            cr = snap.branches.get(a.branch)
+            if cr is None or (a.stage == Stage.OPD and url is None):
+                continue  # next reconcile: the Branch's uid / the hub's address is not known yet
+            ops.append(Create(build_stage_job(run, cfg, a.branch, cr["metadata"]["uid"], a.cycle, a.stage.value,
+                                              hub_url=url if a.stage == Stage.OPD else None)))
+        elif isinstance(a, RunDiagnose):
+            job = diagnose_job_name(name, a.cycle)
+            if job not in snap.jobs:
+                ops.append(Create(build_diagnose_job(run, cfg, a.cycle)))
+            elif (snap.jobs[job].get("spec") or {}).get("suspend"):
+                ops.append(Patch("Job", job, {"spec": {"suspend": False}}))
+        elif isinstance(a, RunMerge):
+            job = merge_job_name(name)
+            if job not in snap.jobs:
+                ops.append(Create(build_merge_job(run, cfg)))
+            elif (snap.jobs[job].get("spec") or {}).get("suspend"):
+                ops.append(Patch("Job", job, {"spec": {"suspend": False}}))
+        elif isinstance(a, Event):
+            suffix = f"{int(now.timestamp() * 1000):x}{len(events)}"
+            events.append(Create(build_event(run, a.type, a.reason, a.message, iso(now), suffix)))
+        # StopWork: its effect is the level-based rule below, so a restart cannot lose it
+
+    # -- suspended: pause unfinished Jobs (their pods go; trainers resume from checkpoints) --
+    # -- ended: delete unfinished Jobs ------------------------------------------------
+    for job_name, job in snap.jobs.items():
+        if _finished(job):
+            continue
+        if status.phase == Phase.SUSPENDED and not (job.get("spec") or {}).get("suspend"):
+            ops.append(Patch("Job", job_name, {"spec": {"suspend": True}}))
+        elif status.phase in TERMINAL:
+            ops.append(Delete("Job", job_name))
+    return ops + events
+
+
+def missing_branches(run: RunRef, snap: Snapshot) -> list[dict]:
+    return [build_branch(run, b.name) for b in run.spec.branches if b.name not in snap.branches]
+
+
+__all__ = ["Create", "Patch", "Delete", "Op", "plan", "missing_branches", "replacing", "branch_cr_name"]

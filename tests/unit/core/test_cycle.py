@@ -1,0 +1,185 @@
+"""The pure cycle decision: table-driven, no I/O, no clock."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import yaml
+
+from copd_core.cycle import (
+    BranchReport,
+    DiagnoseReport,
+    Event,
+    MergeReport,
+    Observed,
+    Phase,
+    RunBranchStage,
+    RunDiagnose,
+    RunMerge,
+    RunStatus,
+    Stage,
+    StopWork,
+    decide,
+)
+from copd_core.readiness import DirectionDiagnostic
+from copd_core.spec import parse_manifest
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class SpecBuilder:
+    def __init__(self):
+        self.doc = {
+            "apiVersion": "copd.io/v1alpha1", "kind": "CoPDRun", "metadata": {"name": "t"},
+            "spec": {"baseModel": {"uri": "builtin://tiny-qwen3"},
+                     "branches": [{"name": "a", "dataset": {"builtin": "arith"}},
+                                  {"name": "b", "dataset": {"builtin": "reverse"}}],
+                     "schedule": {"cycles": 2, "rlStepsPerCycle": 3, "opdStepsPerCycle": 2},
+                     "mergeReadiness": {"minCycles": 1, "minTopkOverlap": 0.9, "maxSymmetricKl": 0.5}},
+        }
+
+    def set(self, section, **kw):
+        self.doc["spec"].setdefault(section, {}).update(kw)
+        return self
+
+    def suspend(self, v=True):
+        self.doc["spec"]["suspend"] = v
+        return self
+
+    def obj(self):
+        return parse_manifest(yaml.safe_load(yaml.safe_dump(self.doc))).spec
+
+
+def done(cycle, stage, *names):
+    return Observed(branches={n: BranchReport(cycle, stage, step=3, reward=0.5, done=True) for n in names})
+
+
+def diag(cycle, overlap, kl=0.1):
+    return Observed(diagnose=DiagnoseReport(cycle, (DirectionDiagnostic(cycle, "a", "b", overlap, kl),
+                                                     DirectionDiagnostic(cycle, "b", "a", overlap, kl))))
+
+
+def step(spec, status, observed=Observed(), minutes=1):
+    return decide(spec, status, observed, T0 + timedelta(minutes=minutes), generation=3)
+
+
+def work(actions):
+    return [a for a in actions if not isinstance(a, Event)]
+
+
+def test_pending_starts_cycle_one_rl_for_every_branch():
+    s, acts = step(SpecBuilder().obj(), RunStatus())
+    assert (s.phase, s.cycle, s.stage) == (Phase.RUNNING, 1, Stage.RL)
+    assert work(acts) == [RunBranchStage("a", 1, Stage.RL), RunBranchStage("b", 1, Stage.RL)]
+    assert s.start_time and s.observed_generation == 3
+    assert {c.type: c.status for c in s.conditions} == {"Ready": "True", "Progressing": "True",
+                                                        "MergeReady": "False"}
+
+
+def test_barrier_waits_for_every_branch():
+    spec = SpecBuilder().obj()
+    s, _ = step(spec, RunStatus())
+    s, acts = step(spec, s, done(1, Stage.RL, "a"))
+    assert s.stage == Stage.RL and s.branches["a"].done and not s.branches["b"].done
+    assert work(acts) == [RunBranchStage("b", 1, Stage.RL)]
+    s, acts = step(spec, s, done(1, Stage.RL, "a", "b"))
+    assert s.stage == Stage.OPD
+    assert work(acts) == [RunBranchStage("a", 1, Stage.OPD), RunBranchStage("b", 1, Stage.OPD)]
+
+
+def test_stale_report_is_ignored():
+    spec = SpecBuilder().obj()
+    s, _ = step(spec, RunStatus())
+    s, _ = step(spec, s, done(1, Stage.RL, "a", "b"))
+    s, acts = step(spec, s, done(1, Stage.RL, "a", "b"))  # RL reports while in OPD
+    assert s.stage == Stage.OPD and not any(b.done for b in s.branches.values())
+
+
+def test_decide_is_idempotent_without_new_observations():
+    spec = SpecBuilder().obj()
+    s, _ = step(spec, RunStatus())
+    s2, acts = step(spec, s)
+    s3, acts3 = step(spec, s2)
+    assert s2 == s3 and work(acts) == work(acts3)
+    assert not [a for a in acts3 if isinstance(a, Event)]
+
+
+def _to_diagnose(spec, cycle=1, s=None):
+    s = s or step(spec, RunStatus())[0]
+    s, _ = step(spec, s, done(cycle, Stage.RL, "a", "b"))
+    s, acts = step(spec, s, done(cycle, Stage.OPD, "a", "b"))
+    assert s.stage == Stage.DIAGNOSE and work(acts) == [RunDiagnose(cycle)]
+    return s
+
+
+def test_aligned_branches_merge_early():
+    spec = SpecBuilder().obj()
+    s = _to_diagnose(spec)
+    s, acts = step(spec, s, diag(1, 0.95))
+    assert s.phase == Phase.MERGING and s.merge_ready and work(acts) == [RunMerge(ready=True)]
+    assert s.min_topk_overlap == 0.95 and s.max_symmetric_kl == 0.1
+    s, acts = step(spec, s, Observed(merge=MergeReport(done=True, path="/m")))
+    assert s.phase == Phase.SUCCEEDED and s.merged_model == "/m" and s.completion_time
+    assert {c.type: c.status for c in s.conditions}["Succeeded"] == "True"
+    assert StopWork("Merged") in acts
+
+
+def test_not_aligned_goes_to_next_cycle_then_merges_with_warning():
+    spec = SpecBuilder().obj()
+    s = _to_diagnose(spec)
+    s, acts = step(spec, s, diag(1, 0.5))
+    assert (s.phase, s.cycle, s.stage) == (Phase.RUNNING, 2, Stage.RL)
+    s = _to_diagnose(spec, 2, s)
+    s, acts = step(spec, s, diag(2, 0.5))
+    assert s.phase == Phase.MERGING and not s.merge_ready
+    assert work(acts) == [RunMerge(ready=False)]
+    assert any(isinstance(a, Event) and a.type == "Warning" and a.reason == "MergingWithoutReadiness" for a in acts)
+
+
+def test_not_aligned_fails_when_policy_says_so():
+    spec = SpecBuilder().set("schedule", cycles=1).set("merge", whenNotReady="fail").obj()
+    s = _to_diagnose(spec)
+    s, acts = step(spec, s, diag(1, 0.5))
+    assert s.phase == Phase.FAILED
+    cond = {c.type: c for c in s.conditions}["Failed"]
+    assert cond.status == "True" and cond.reason == "NotAligned" and "TopKOverlapLow" not in cond.message
+
+
+@pytest.mark.parametrize("observed, reason", [
+    (Observed(branches={"a": BranchReport(1, Stage.RL, failed=True, message="OOM")}), "BranchFailed"),
+    (Observed(invalid_spec="dataset /x.jsonl not found"), "InvalidSpec"),
+])
+def test_failures_become_failed_condition(observed, reason):
+    spec = SpecBuilder().obj()
+    s, _ = step(spec, RunStatus())
+    s, acts = step(spec, s, observed)
+    assert s.phase == Phase.FAILED
+    assert {c.type: c.reason for c in s.conditions}["Failed"] == reason
+    s2, acts2 = step(spec, s, Observed())
+    assert s2.phase == Phase.FAILED and acts2 == []  # terminal stays terminal
+
+
+def test_zero_opd_steps_skips_the_stage():
+    spec = SpecBuilder().set("schedule", opdStepsPerCycle=0).obj()
+    s, _ = step(spec, RunStatus())
+    s, acts = step(spec, s, done(1, Stage.RL, "a", "b"))
+    assert s.stage == Stage.DIAGNOSE
+
+
+def test_suspend_and_resume_keep_the_stage():
+    b = SpecBuilder()
+    spec = b.obj()
+    s, _ = step(spec, RunStatus())
+    s, _ = step(spec, s, done(1, Stage.RL, "a"))
+    s, acts = step(b.suspend(True).obj(), s)
+    assert s.phase == Phase.SUSPENDED and work(acts) == [StopWork("Suspended")]
+    s, acts = step(b.suspend(False).obj(), s)
+    assert (s.phase, s.stage) == (Phase.RUNNING, Stage.RL)
+    assert s.branches["a"].done and work(acts) == [RunBranchStage("b", 1, Stage.RL)]
+
+
+def test_transition_events_carry_durations():
+    spec = SpecBuilder().obj()
+    s, _ = step(spec, RunStatus(), minutes=0)
+    s, acts = step(spec, s, done(1, Stage.RL, "a", "b"), minutes=5)
+    ev = [a for a in acts if isinstance(a, Event)][0]
+    assert (ev.ended, ev.started, ev.duration_s) == ("RL", "OPD", 300.0)
