@@ -1,17 +1,19 @@
 # The few commands a person needs. See README.md.
-.PHONY: setup demo test test-fast cluster-up cluster-down crds lint
+.PHONY: setup demo test test-fast cluster-up cluster-down crds lint compare
 
-setup:            ## venv with pinned deps (.venv) + Kubernetes test binaries
+UV := $(or $(wildcard $(HOME)/.cache/copd-operator/tools/uv-*/bin/uv),uv)
+
+setup:            ## this clone's .venv from uv.lock (editable) + the Kubernetes test binaries
 	scripts/setup.sh
 
 demo:             ## the CoPD demo on CPU (tiny model, ~1-5 min)
 	.venv/bin/copd run examples/copdrun.yaml --output runs/demo
 
-test:             ## every test: pure, runtime, and the real control plane (started if needed)
+test:             ## every test: lint, pure, model, chart, and the real control plane (started if needed)
 	scripts/run-tests.sh
 
-test-fast:        ## pure and runtime tests only, no cluster
-	.venv/bin/python -m pytest -m "not cluster and not slow" -q
+test-fast:        ## unit and tiny-model tests only, no cluster
+	.venv/bin/python -m pytest -m "not cluster and not slow" -q tests/unit tests/model
 
 cluster-up:
 	scripts/cluster.sh up
@@ -19,6 +21,14 @@ cluster-up:
 cluster-down:
 	scripts/cluster.sh down
 
-lint:
+crds:             ## regenerate crds/ and the chart's copy from copd_core/spec.py
+	.venv/bin/python -m copd_operator.crd --out crds/
+	cp crds/*.yaml helm/copd-operator/crds/
+
+lint:             ## ruff, the import contracts (layers, no cycles), and uv.lock in step with pyproject.toml
 	.venv/bin/ruff check .
 	.venv/bin/lint-imports
+	$(firstword $(UV)) lock --check --quiet
+
+compare:          ## the science comparison (docs/science.md; ~15-30 min on 2 cores)
+	.venv/bin/python -m experiments.compare examples/compare.yaml --output runs/compare --jobs 2

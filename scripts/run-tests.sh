@@ -8,9 +8,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 [[ -x .venv/bin/python ]] || { echo "no .venv: run scripts/setup.sh (make setup) first" >&2; exit 2; }
 
-# the operator package lives in operator/ (not a top-level directory of the repo)
-export PYTHONPATH="$ROOT:$ROOT/operator${PYTHONPATH:+:$PYTHONPATH}"
-
 started=0
 if ! scripts/cluster.sh status >/dev/null 2>&1; then
   if ! scripts/cluster.sh up; then
@@ -24,8 +21,7 @@ if ! scripts/cluster.sh status >/dev/null 2>&1; then
   fi
   started=1
 fi
-.venv/bin/ruff check . || exit 1
-.venv/bin/lint-imports || exit 1
+make --no-print-directory lint || exit 1
 .venv/bin/python -m pytest -q -ra "$@"
 rc=$?
 if [[ $started == 1 && "${COPD_KEEP_CLUSTER:-0}" != 1 ]]; then

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # One-time set-up of a fresh machine (idempotent; a warm machine takes seconds):
-#   1. a Python virtualenv with the pinned dependencies, shared between clones
-#      and keyed by a hash of pyproject.toml (~/.cache/copd-operator/venvs/<hash>),
-#      linked as .venv and holding this clone as an editable install;
-#   2. the Kubernetes test binaries (etcd, kube-*, kwok, helm, promtool), built
-#      from Go modules by hack/cluster/build.sh into ~/.cache/copd-operator/bin.
-# Skip step 2 with COPD_SKIP_CLUSTER_BUILD=1 (e.g. to run only `copd run`).
+#   1. uv (pinned below), installed once per machine into the cache;
+#   2. THIS clone's own virtualenv, ./.venv, synced from the committed uv.lock
+#      (`uv sync --frozen`) with this clone installed editable: every clone runs
+#      its own code. Clones share only uv's download/wheel cache, from which uv
+#      hard-links, so a second clone's .venv takes seconds;
+#   3. the Kubernetes test binaries (etcd, kube-*, kwok, helm, promtool), built
+#      from Go modules by hack/cluster/build.sh into the cache (shared: they are
+#      keyed by version and hold no code of ours).
+# Safe to run twice at once: the venv sync and the Go build each hold a lock.
+# Skip step 3 with COPD_SKIP_CLUSTER_BUILD=1 (e.g. to run only `copd run`).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 CACHE="${COPD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/copd-operator}"
+UV_VERSION=0.13.9
 
 # system tools the control plane scripts use (Debian package names)
 missing=()
-for tool in openssl:openssl curl:curl ss:iproute2 make:make; do
+for tool in openssl:openssl curl:curl ss:iproute2 make:make flock:util-linux; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if (( ${#missing[@]} )); then
@@ -29,31 +34,31 @@ command -v go >/dev/null || [[ "${COPD_SKIP_CLUSTER_BUILD:-0}" == 1 ]] \
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null || PY=python3
 "$PY" -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
+mkdir -p "$CACHE/tools"
 
-key="$( (cat pyproject.toml; "$PY" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-16)"
-VENV="$CACHE/venvs/$key"
-if [[ ! -f "$VENV/.complete" ]]; then
-  echo "[setup] creating $VENV (first time: downloads torch, a few GB)" >&2
-  rm -rf "$VENV"
-  mkdir -p "$CACHE/venvs"
-  "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --upgrade pip
-  "$VENV/bin/pip" install --quiet -e ".[dev]"
-  touch "$VENV/.complete"
-else
-  echo "[setup] reusing $VENV" >&2
-fi
-# editable install of THIS clone (cheap; the venv may have been made by another clone)
-"$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e . 2>/dev/null \
-  || "$VENV/bin/pip" install --quiet --no-deps -e .
-if [[ -L .venv || ! -e .venv ]]; then
-  ln -sfn "$VENV" .venv
-else
-  echo "[setup] .venv exists and is not a link; leaving it alone (delete it to use $VENV)" >&2
+# -- 1. uv -----------------------------------------------------------------------
+UV="$CACHE/tools/uv-$UV_VERSION/bin/uv"
+if [[ ! -x "$UV" ]]; then
+  echo "[setup] installing uv $UV_VERSION into $CACHE/tools" >&2
+  tmp="$(mktemp -d "$CACHE/tools/.uv-$UV_VERSION.XXXXXX")"
+  "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$tmp" "uv==$UV_VERSION"
+  # first one to rename wins; a concurrent set-up's copy is dropped
+  mv -T "$tmp" "$CACHE/tools/uv-$UV_VERSION" 2>/dev/null || rm -rf "$tmp"
 fi
 
+# -- 2. this clone's .venv from uv.lock --------------------------------------------
+export UV_CACHE_DIR="${UV_CACHE_DIR:-$CACHE/uv}" UV_PYTHON_DOWNLOADS=never
+unset UV_PROJECT_ENVIRONMENT VIRTUAL_ENV
+if [[ -L .venv ]]; then  # the old layout linked .venv to a venv shared by all clones
+  echo "[setup] replacing the .venv link ($(readlink .venv)) by this clone's own venv" >&2
+  rm .venv
+fi
+echo "[setup] syncing .venv from uv.lock (first time: downloads torch, a few GB)" >&2
+flock "$ROOT/.setup.lock" "$UV" sync --frozen --extra dev --python "$PY" --quiet
+
+# -- 3. the Kubernetes test binaries --------------------------------------------------
 if [[ "${COPD_SKIP_CLUSTER_BUILD:-0}" != 1 ]]; then
   echo "[setup] building the Kubernetes test binaries (cold: ~10-40 min on 2 cores; cached after)" >&2
-  hack/cluster/build.sh
+  flock "$CACHE/build.lock" hack/cluster/build.sh
 fi
 echo "[setup] done. Next: source .venv/bin/activate" >&2

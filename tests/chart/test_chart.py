@@ -142,7 +142,7 @@ def test_leader_election_rbac_matches_operator_deploy_and_allows_replicas(helm_b
 
 def test_operator_command_args_env_overridable(helm_bin):
     vals = {"operator": {"command": ["/src/.venv/bin/python", "-m", "copd_operator.main"],
-                         "env": [{"name": "PYTHONPATH", "value": "/src:/src/operator"}],
+                         "env": [{"name": "HF_HOME", "value": "/tmp/hf"}],
                          "extraArgs": ["--verbose"], "podEnv": {"HF_HUB_OFFLINE": "1"},
                          "hubAddress": "pod-ip", "trainerCommand": "python -m copd_runtime.cli"},
             "nodeSelector": {"copd.io/process-node": "true"},
@@ -154,7 +154,7 @@ def test_operator_command_args_env_overridable(helm_bin):
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["command"] == vals["operator"]["command"]
-    assert {"name": "PYTHONPATH", "value": "/src:/src/operator"} in c["env"]
+    assert {"name": "HF_HOME", "value": "/tmp/hf"} in c["env"]
     assert c["args"][-1] == "--verbose"
     assert "--pod-env=HF_HUB_OFFLINE=1" in c["args"] and "--hub-address=pod-ip" in c["args"]
     from copd_operator.main import parse_args
@@ -272,3 +272,18 @@ def test_entry_points_the_operator_puts_in_pods_exist():
             if a.startswith("--"):
                 assert a.split("=", 1)[0] in known, f"`copd {argv[1]}` has no option {a}"
     assert seen == {"stage", "hub", "diagnose", "merge"}
+
+
+@pytest.mark.parametrize("dockerfile, wanted, unwanted", [
+    ("Dockerfile", {"copd_core", "operator"}, {"copd_runtime", "experiments", "tests"}),
+    ("trainer_image/Dockerfile", {"copd_core", "copd_runtime"}, {"operator", "experiments", "tests"}),
+])
+def test_images_install_only_their_packages_from_the_lock(dockerfile, wanted, unwanted):
+    """The operator image carries core + operator, the trainer image core + runtime; the science
+    harness ships in neither. Both install from uv.lock (`uv sync --frozen`), not loose pins."""
+    text = (ROOT / dockerfile).read_text()
+    copied = {ln.split()[1].rstrip("/") for ln in text.splitlines() if ln.startswith("COPY ") and "--from" not in ln}
+    assert wanted <= copied, (dockerfile, copied)
+    assert not (unwanted & copied), (dockerfile, copied)
+    assert "uv.lock" in text and "uv sync --frozen" in text
+    assert "PYTHONPATH" not in text

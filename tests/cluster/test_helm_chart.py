@@ -118,7 +118,6 @@ def test_helm_install_runs_the_operator_which_reconciles_a_run(cluster, namespac
     values = {
         "watch": {"allNamespaces": False, "namespaces": [namespace]},
         "operator": {"command": [PY, "-m", "copd_operator.main"],
-                     "env": [{"name": "PYTHONPATH", "value": f"{ROOT}:{ROOT / 'operator'}"}],
                      "metricsPort": metrics_port, "healthPort": health_port, "resyncSeconds": 2},
         "nodeSelector": {"copd.io/process-node": "true"},
         "tolerations": [PROC_TOLERATION],

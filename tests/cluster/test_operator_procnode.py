@@ -13,7 +13,6 @@ import pytest
 
 from tests.cluster.support import (
     PY,
-    ROOT,
     Api,
     Operator,
     apply_crds,
@@ -47,8 +46,7 @@ def test_operator_process_node_trains_scores_and_merges(cluster, namespace, tmp_
     apply_crds(cluster)
     api = Api(cluster)
     op = Operator(cluster, namespace, tmp_path, "--hub-address", "pod-ip",
-                  "--trainer-command", f"{PY} -m copd_runtime.cli",
-                  "--pod-env", f"PYTHONPATH={ROOT}:{ROOT / 'operator'}").start()
+                  "--trainer-command", f"{PY} -m copd_runtime.cli").start()
     try:
         t_apply = apply_doc(cluster, namespace, small_run())
         pods = wait_for(lambda: [p for p in api.pods(namespace) if p.status.phase == "Running"], 120,
