@@ -57,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     from prometheus_client import start_http_server
 
     from copd_core.metrics import CoPDMetrics
-    from copd_operator import handlers
+    from copd_operator import handlers  # noqa: F401 - registers the kopf handlers
+    from copd_operator.control.workqueue import WorkQueue
     from copd_operator.io.gather import Apis
     from copd_operator.reconcile import Reconciler
+    from copd_operator.runtime import OperatorRuntime
 
     try:
         config.load_incluster_config()
@@ -75,17 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     metrics = CoPDMetrics()
     if a.metrics_port is not None:
         start_http_server(a.metrics_port, registry=metrics.registry)
-    from copd_operator.control.workqueue import WorkQueue
-
-    handlers.STATE.update(queue=WorkQueue(), reconciler=Reconciler(Apis(client.ApiClient()), cfg, metrics),
-                          workers=a.workers, resync_s=a.resync_seconds)
-    if a.leader_elect:
-        handlers.STATE["elector"] = _elector(a, client.ApiClient())
+    rt = OperatorRuntime(queue=WorkQueue(), reconciler=Reconciler(Apis(client.ApiClient()), cfg, metrics),
+                         worker_count=a.workers, resync_s=a.resync_seconds,
+                         elector=_elector(a, client.ApiClient()) if a.leader_elect else None)
     if a.health_port is not None:
         from copd_operator.control import health
 
-        health.install(handlers.STATE, a.health_port)
-    kopf.run(standalone=True, clusterwide=a.all_namespaces, namespaces=a.namespace or [])
+        rt.health = health.install(rt, a.health_port)
+    try:
+        kopf.run(standalone=True, clusterwide=a.all_namespaces, namespaces=a.namespace or [],
+                 memo=kopf.Memo(runtime=rt))
+    finally:
+        # kopf's cleanup handler did this already unless it was cut short; either way the workers
+        # have stopped and the Lease is released before the process exits
+        rt.shutdown()
     return 0
 
 

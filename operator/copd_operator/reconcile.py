@@ -9,25 +9,31 @@
 
 Everything starts from the CoPDRun's status and the children that exist, so any
 reconcile may be the first after an operator restart.
+
+A spec the apiserver admitted but the model refuses (schema drift) cannot reach
+`decide` (it needs a spec): `copd_core.cycle.fail_run` makes the same failure
+decision instead. A Branch object the plan creates has no uid yet, so its stage
+Job waits for the next reconcile: the outcome asks for one at once.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from kubernetes.client.rest import ApiException
 
-from copd_core.conditions import COND_FAILED, COND_PROGRESSING, R_INVALID_SPEC, iso, set_condition
-from copd_core.cycle import TERMINAL, Event, Phase, RunStatus, decide
+from copd_core.conditions import R_INVALID_SPEC, iso
+from copd_core.cycle import Event, RunStatus, decide, fail_run
 from copd_core.metrics import CoPDMetrics
 from copd_core.spec import SpecError, parse_manifest
 from copd_operator.io.act import apply_ops, create, write_run_status
 from copd_operator.io.gather import Apis, gather
 from copd_operator.logic.builders import OperatorConfig, RunRef, build_event
 from copd_operator.logic.observe import observe
-from copd_operator.logic.plan import Create, missing_branches, plan
+from copd_operator.logic.plan import Create, Op, plan
 
 log = logging.getLogger("copd_operator.reconcile")
 
@@ -36,17 +42,23 @@ class Conflict(Exception):
     """Someone else wrote the run between our read and our write: reconcile again."""
 
 
-def fail_unparsable(status: RunStatus, message: str, now: datetime, gen: int) -> tuple[RunStatus, list]:
-    """A spec the apiserver admitted but pydantic refuses (schema drift): decide() needs a spec, so fail here."""
-    s = status.model_copy(deep=True)
-    s.observed_generation = gen
-    if s.phase in TERMINAL:
-        return s, []
-    ended = s.phase.value
-    s.phase, s.stage, s.completion_time = Phase.FAILED, None, iso(now)
-    s.conditions = set_condition(s.conditions, COND_FAILED, "True", R_INVALID_SPEC, message, now, gen)
-    s.conditions = set_condition(s.conditions, COND_PROGRESSING, "False", R_INVALID_SPEC, message, now, gen)
-    return s, [Event("Warning", R_INVALID_SPEC, message, ended=ended, started=Phase.FAILED.value)]
+@dataclass(frozen=True)
+class Outcome:
+    """What one reconcile tells the work queue."""
+
+    exists: bool = True  # False: the run is gone (the queue forgets the key)
+    requeue_after_s: float | None = None  # reconcile again this soon: children just made unblock more work
+
+
+GONE = Outcome(exists=False)
+DONE = Outcome()
+# A Branch created by this reconcile: its stage Job needs the Branch's uid (owner), known from the next gather.
+AGAIN = Outcome(requeue_after_s=0.0)
+
+
+def needs_another_pass(ops: list[Op]) -> bool:
+    """Ops whose results the next plan builds on (a Branch's uid owns its stage Jobs)."""
+    return any(isinstance(op, Create) and op.obj.get("kind") == "Branch" for op in ops)
 
 
 class Reconciler:
@@ -54,12 +66,11 @@ class Reconciler:
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
         self.apis, self.cfg, self.metrics, self.clock = apis, cfg, metrics, clock
 
-    def reconcile(self, namespace: str, name: str) -> bool:
-        """Returns False when the run is gone (the caller forgets it)."""
+    def reconcile(self, namespace: str, name: str) -> Outcome:
         snap = gather(self.apis, namespace, name, self.cfg.trainer_service_account)
         if snap is None:
             self.metrics.forget_run(namespace, name)
-            return False
+            return GONE
         obj = snap.run
         md = obj["metadata"]
         gen = int(md.get("generation", 0))
@@ -71,17 +82,11 @@ class Reconciler:
                                        "metadata": {"name": md["name"], "namespace": namespace},
                                        "spec": obj.get("spec") or {}})
         except SpecError as e:
-            new, actions = fail_unparsable(status, str(e), now, gen)
+            new, actions = fail_run(status, R_INVALID_SPEC, str(e), now, gen)
             self._write(obj, old, new)
             self._events(RunRef(name, namespace, md["uid"], None), actions, now)  # type: ignore[arg-type]
-            return True
+            return DONE
         run = RunRef(name, namespace, md["uid"], manifest.spec)
-
-        if status.phase not in TERMINAL:
-            for branch in missing_branches(run, snap):
-                made = create(self.apis, namespace, branch)
-                if made is not None:
-                    snap.branches[branch["spec"]["branch"]] = made
 
         observed = observe(run.spec, status, snap)
         new, actions = decide(run.spec, status, observed, now, gen)
@@ -89,7 +94,7 @@ class Reconciler:
         ops = plan(run, self.cfg, new, actions, snap, now, gen)
         apply_ops(self.apis, namespace, [op for op in ops if not _is_event(op)])
         self._events(run, actions, now)
-        return True
+        return AGAIN if needs_another_pass(ops) else DONE
 
     def _write(self, obj: dict, old: dict, new: RunStatus) -> None:
         md = obj["metadata"]

@@ -8,12 +8,15 @@ What can stall in this operator, and what catches it:
   that goes silent while the loop runs is reconnected by kopf itself
   (`settings.watching.inactivity_timeout`, 70 s; the apiserver sends
   bookmarks every 60 s), so it needs no probe.
-* the reconcile workers and the resync thread (handlers.STATE["worker_threads"]):
-  a dead thread -> /healthz 503.
+* the reconcile workers and the resync thread (`Workers.dead()`): a started
+  thread that ended -> /healthz 503.
 
 /readyz is 200 once kopf's startup handlers ran (the workers exist) and the
 checks above pass. The server is a plain thread, independent of the loop it
 watches. Served only when `copd-operator --health-port N` is given.
+
+Health reads the operator's runtime (copd_operator.runtime.OperatorRuntime) through
+the narrow `Probed` view below, so this module needs nothing above the control layer.
 """
 
 from __future__ import annotations
@@ -24,14 +27,29 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
+
+from copd_operator.control.leader import LeaderElector
+from copd_operator.control.workqueue import Workers
 
 BEAT_S = 2.0
 
 
+class Probed(Protocol):
+    """What the probes look at: the workers once the startup handler made them, the elector if any."""
+
+    @property
+    def workers(self) -> Workers | None: ...
+
+    @property
+    def elector(self) -> LeaderElector | None: ...
+
+
 class Health:
-    def __init__(self, state: dict, max_beat_age_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
-        self.state, self.max_beat_age_s, self.clock = state, max_beat_age_s, clock
+    def __init__(self, probed: Probed, max_beat_age_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        self.probed, self.max_beat_age_s, self.clock = probed, max_beat_age_s, clock
         self.last_beat: float | None = None
+        self.beat_task: asyncio.Task | None = None
 
     def beat(self) -> None:
         self.last_beat = self.clock()
@@ -40,10 +58,9 @@ class Health:
         out = []
         if self.last_beat is not None and self.clock() - self.last_beat > self.max_beat_age_s:
             out.append(f"kopf event loop silent for {self.clock() - self.last_beat:.0f}s")
-        workers = self.state.get("worker_threads")
-        for t in getattr(workers, "_threads", []):
-            if t.ident is not None and not t.is_alive():  # never started: a leader-election follower
-                out.append(f"thread {t.name} is dead")
+        workers = self.probed.workers
+        if workers is not None:  # a leader-election follower never starts them: nothing is dead
+            out.extend(f"thread {name} is dead" for name in workers.dead())
         return out
 
     def live(self) -> tuple[bool, dict]:
@@ -52,10 +69,10 @@ class Health:
 
     def ready(self) -> tuple[bool, dict]:
         ok, body = self.live()
-        elector = self.state.get("elector")
+        elector = self.probed.elector
         if elector is not None:
             body["leader"] = elector.is_leader
-        if self.last_beat is None or "worker_threads" not in self.state:
+        if self.last_beat is None or self.probed.workers is None:
             ok = False
             body = {"ok": False, "problems": body["problems"] + ["starting"]}
         return ok, body
@@ -92,15 +109,15 @@ class Health:
         return server
 
 
-def install(state: dict, port: int, max_beat_age_s: float = 30.0) -> Health:
+def install(probed: Probed, port: int, max_beat_age_s: float = 30.0) -> Health:
     """Serve /healthz and /readyz on `port`, and register the kopf startup handler that starts the beat."""
     import kopf
 
-    health = Health(state, max_beat_age_s)
+    health = Health(probed, max_beat_age_s)
     health.serve(port)
 
     @kopf.on.startup(id="copd-health")
     async def _start_beat(**_) -> None:
-        state["health_beat"] = asyncio.get_running_loop().create_task(health.beat_forever())
+        health.beat_task = asyncio.get_running_loop().create_task(health.beat_forever())
 
     return health

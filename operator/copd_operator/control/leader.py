@@ -20,8 +20,10 @@ Losing the Lease (renewals failing for `renew_deadline_s`, or another holder in
 the record) calls `on_stopped_leading`; main.py makes that exit the process at
 once (os._exit), so reconcile threads stuck in an API call cannot write after
 another leader took over; the Deployment restarts the pod, which comes back as a
-follower. `release()` (graceful shutdown) clears holderIdentity so a follower
-takes over on its next retry instead of waiting out the lease duration.
+follower. `release()` (graceful shutdown, called by OperatorRuntime.shutdown() after
+the workers stopped) clears holderIdentity so a follower takes over on its next
+retry instead of waiting out the lease duration; it is idempotent, retried on 409,
+and no renewal can take the Lease back once it began.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class LeaderElector:
         self.observed_holder: str | None = None
         self._observed_key: tuple | None = None
         self._observed_at: float = 0.0
+        self._waiting_on: str | None = None  # the holder last logged as "waiting"
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one write at a time (loop vs release)
         self._thread = threading.Thread(target=self._run, name="copd-leader-election", daemon=True)
@@ -149,16 +152,24 @@ class LeaderElector:
         return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta, "spec": spec}
 
     def try_acquire_or_renew(self) -> bool:
-        """One round: True if I hold the Lease afterwards. A 409 (someone wrote first) is False."""
+        """One round: True if I hold the Lease afterwards. A 409 (someone wrote first) is False.
+        Once release() has begun it is always False and writes nothing, so a round that was
+        waiting for the lock cannot take the Lease back after it was given up."""
         from kubernetes.client.rest import ApiException
 
         with self._lock:
+            if self._stop.is_set():
+                return False
             lease = self._read()
             rec = self._record(lease)
             self.observed_holder = rec.holder if rec else None
             action = decide_lease(rec, self.me, time.monotonic(), self.lease_duration_s)
             try:
                 if action is Action.WAIT:
+                    if self.observed_holder != self._waiting_on:
+                        self._waiting_on = self.observed_holder
+                        log.info("lease %s/%s is held by %s: waiting", self.namespace, self.name,
+                                 self.observed_holder)
                     return False
                 if action is Action.CREATE:
                     self.api.create_namespaced_lease(self.namespace, self._body(None, holder=self.me, acquire=True))
@@ -175,21 +186,42 @@ class LeaderElector:
             self.observed_holder = self.me
             return True
 
-    def release(self) -> None:
-        """Give the Lease up if I hold it (graceful shutdown): clear holderIdentity."""
+    def release(self, attempts: int = 5, request_timeout_s: float = 5.0) -> bool:
+        """Graceful shutdown: stop the loop for good, then clear holderIdentity if the Lease names me.
+
+        Idempotent (a second call finds the Lease no longer mine and writes nothing). Decided
+        on the Lease as read under the write lock, not on `is_leader`, so a round that took
+        the Lease just before the stop is released too. A 409 (the record changed between our
+        read and our write) or an apiserver error reads again, up to `attempts` times.
+        Returns True when the Lease is not held by me afterwards."""
+        from kubernetes.client.rest import ApiException
+
         self._stop.set()
-        if not self.is_leader:
-            return
         self.is_leader = False
-        try:
-            with self._lock:
-                lease = self._read()
-                if lease is not None and lease.spec.holder_identity == self.me:
+        with self._lock:
+            for attempt in range(attempts):
+                try:
+                    lease = self.api.read_namespaced_lease(self.name, self.namespace,
+                                                           _request_timeout=request_timeout_s)
+                    if lease.spec.holder_identity != self.me:
+                        return True
                     self.api.replace_namespaced_lease(self.name, self.namespace,
-                                                      self._body(lease, holder=None, acquire=False))
+                                                      self._body(lease, holder=None, acquire=False),
+                                                      _request_timeout=request_timeout_s)
                     log.info("released lease %s/%s", self.namespace, self.name)
-        except Exception:  # noqa: BLE001 - best effort; the lease expires anyway
-            log.exception("releasing lease %s/%s failed", self.namespace, self.name)
+                    return True
+                except ApiException as e:
+                    if e.status == 404:
+                        return True
+                    if e.status != 409:
+                        log.warning("releasing lease %s/%s: %s", self.namespace, self.name, e.reason)
+                except Exception as e:  # noqa: BLE001 - apiserver unreachable: retry, then let it expire
+                    log.warning("releasing lease %s/%s: %s", self.namespace, self.name, e)
+                if attempt + 1 < attempts:
+                    time.sleep(min(0.1 * 2 ** attempt, 1.0))
+        log.error("could not release lease %s/%s; it expires in %.0fs", self.namespace, self.name,
+                  self.lease_duration_s)
+        return False
 
     # -- loop
 

@@ -88,23 +88,59 @@ class WorkQueue:
 
 
 class Workers:
-    """`n` threads running `work(key)`; `work` returns False to forget the key, raises to retry later."""
+    """`n` threads running `work(key)`; `work` returns False to forget the key, raises to retry later.
+
+    Built once; `start()` runs the threads (a leader-election follower never calls it),
+    `stop()` asks them to finish, `join()` waits for the in-flight reconciles, `dead()`
+    names the started threads that are no longer running (for the liveness probe).
+    """
 
     def __init__(self, queue: WorkQueue, work: Callable[[Key], bool], n: int, resync_s: float,
                  on_error: Callable[[Key, BaseException], float]):
         self.queue, self.work, self.on_error = queue, work, on_error
         self.resync_s = resync_s
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._started = False
         self._threads = [threading.Thread(target=self._loop, name=f"copd-worker-{i}", daemon=True) for i in range(n)]
         self._threads.append(threading.Thread(target=self._resync, name="copd-resync", daemon=True))
 
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
     def start(self) -> None:
-        for t in self._threads:
-            t.start()
+        """Run the threads; once only, and never after stop() (a late leadership callback is a no-op)."""
+        with self._lock:
+            if self._started or self._stop.is_set():
+                return
+            for t in self._threads:
+                t.start()
+            self._started = True  # after the starts: dead() never sees a thread that is about to run
 
     def stop(self) -> None:
-        self._stop.set()
-        self.queue.close()
+        with self._lock:
+            self._stop.set()
+            self.queue.close()
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds in all for the started threads to end; True if they all did."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._threads) if self._started else []
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in threads)
+
+    def dead(self) -> list[str]:
+        """Names of the threads that were started and have ended (empty before start())."""
+        if not self._started:
+            return []
+        return [t.name for t in self._threads if not t.is_alive()]
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -6,8 +6,10 @@ operations. Creates of existing names are skipped here and tolerated (409) by ac
 
     children wanted                    when
     PVC <run>-storage                  no spec.storage.claimName, until the run ends
-    Branch <run>-<b>  (spec, status)   always; spec = (cycle, stage) the run wants
-    Job <run>-<b>-c<c>-<stage>         RunBranchStage (OPD: once the hub's address is known)
+    Branch <run>-<b>  (spec, status)   created until the run ends, then kept in step; spec = (cycle, stage)
+                                       the run wants (a new Branch's status comes with the next reconcile)
+    Job <run>-<b>-c<c>-<stage>         RunBranchStage, once its Branch exists (the Job's owner is the
+                                       Branch's uid) and, for OPD, once the hub's address is known
     Pod/Service <run>-hub-c<c>         phase Running, stage OPD
     Job <run>-diagnose-c<c>            RunDiagnose
     Job <run>-merge                    RunMerge
@@ -144,9 +146,12 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
         else None
     for b in spec.branches:
         cr = snap.branches.get(b.name)
+        branch = build_branch(run, b.name, status.cycle, stage_now, url if stage_now == "OPD" else None)
         if cr is None:
-            continue  # reconcile creates missing Branch objects before planning
-        want = build_branch(run, b.name, status.cycle, stage_now, url if stage_now == "OPD" else None)["spec"]
+            if status.phase not in TERMINAL:
+                ops.append(Create(branch))  # its stage Job waits for the next reconcile (the uid)
+            continue
+        want = branch["spec"]
         if cr.get("spec") != want:
             ops.append(Patch("Branch", cr["metadata"]["name"], {"spec": replacing(cr.get("spec"), want)}))
         job = stage_job_name(name, b.name, status.cycle, stage_now) if stage_now else None
@@ -169,7 +174,7 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
                 continue
             cr = snap.branches.get(a.branch)
             if cr is None or (a.stage == Stage.OPD and url is None):
-                continue  # next reconcile: the Branch's uid / the hub's address is not known yet
+                continue  # next reconcile: the Branch (created above) / the hub's address is not known yet
             ops.append(Create(build_stage_job(run, cfg, a.branch, cr["metadata"]["uid"], a.cycle, a.stage.value,
                                               hub_url=url if a.stage == Stage.OPD else None)))
         elif isinstance(a, RunDiagnose):
@@ -201,8 +206,4 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
     return ops + events
 
 
-def missing_branches(run: RunRef, snap: Snapshot) -> list[dict]:
-    return [build_branch(run, b.name) for b in run.spec.branches if b.name not in snap.branches]
-
-
-__all__ = ["Create", "Patch", "Delete", "Op", "plan", "missing_branches", "replacing", "branch_cr_name"]
+__all__ = ["Create", "Patch", "Delete", "Op", "plan", "replacing", "branch_cr_name"]

@@ -7,6 +7,7 @@ import yaml
 
 from copd_core.cycle import (
     BranchReport,
+    BranchStatus,
     DiagnoseReport,
     Event,
     MergeReport,
@@ -19,6 +20,7 @@ from copd_core.cycle import (
     Stage,
     StopWork,
     decide,
+    fail_run,
 )
 from copd_core.readiness import DirectionDiagnostic
 from copd_core.spec import parse_manifest
@@ -183,3 +185,44 @@ def test_transition_events_carry_durations():
     s, acts = step(spec, s, done(1, Stage.RL, "a", "b"), minutes=5)
     ev = [a for a in acts if isinstance(a, Event)][0]
     assert (ev.ended, ev.started, ev.duration_s) == ("RL", "OPD", 300.0)
+
+
+# -- fail_run: the failure decision for executors that cannot call decide (no parsable spec) ----------------
+
+_RUNNING_RL = RunStatus(phase=Phase.RUNNING, cycle=1, stage=Stage.RL, stage_start_time="2025-12-31T23:58:00Z",
+                        branches={"a": BranchStatus(cycle=1, stage="RL", step=2)})
+
+FAIL_RUN_CASES = [
+    # (what, status before, reason, expected event (ended, duration_s) or None when it stays as it is)
+    ("pending", RunStatus(), "InvalidSpec", ("Pending", None)),
+    ("running RL for 2 min", _RUNNING_RL, "InvalidSpec", ("RL", 120.0)),
+    ("suspended", RunStatus(phase=Phase.SUSPENDED, cycle=1, stage=Stage.OPD), "InvalidSpec", ("Suspended", None)),
+    ("merging", RunStatus(phase=Phase.MERGING, cycle=2), "InvalidSpec", ("Merging", None)),
+    ("any reason", RunStatus(), "BranchFailed", ("Pending", None)),
+    ("succeeded stays succeeded", RunStatus(phase=Phase.SUCCEEDED, cycle=2), "InvalidSpec", None),
+    ("failed stays failed", RunStatus(phase=Phase.FAILED, cycle=1), "InvalidSpec", None),
+]
+
+
+@pytest.mark.parametrize("what,before,reason,event", FAIL_RUN_CASES, ids=[c[0] for c in FAIL_RUN_CASES])
+def test_fail_run(what, before, reason, event):
+    s, acts = fail_run(before, reason, "spec.branches: not a list", T0, 7)
+    assert s.observed_generation == 7
+    assert before.observed_generation == 0  # the input is not changed
+    if event is None:
+        assert acts == [] and s.model_dump(exclude={"observed_generation"}) == \
+            before.model_dump(exclude={"observed_generation"})
+        return
+    assert (s.phase, s.stage, s.completion_time, s.cycle) == (Phase.FAILED, None, "2026-01-01T00:00:00Z", before.cycle)
+    assert s.branches == before.branches
+    conds = {c.type: (c.status, c.reason, c.message, c.observed_generation) for c in s.conditions}
+    assert conds["Failed"] == ("True", reason, "spec.branches: not a list", 7)
+    assert conds["Progressing"] == ("False", reason, "spec.branches: not a list", 7)
+    assert acts == [Event("Warning", reason, "spec.branches: not a list", ended=event[0], duration_s=event[1],
+                          started="Failed"), StopWork(reason)]
+
+
+def test_fail_run_is_what_decide_does_for_an_invalid_spec():
+    spec = SpecBuilder().obj()
+    s, _ = step(spec, RunStatus())
+    assert decide(spec, s, Observed(invalid_spec="no dataset"), T0, 3) == fail_run(s, "InvalidSpec", "no dataset", T0, 3)

@@ -58,17 +58,79 @@ def test_flags_default_off_and_parse():
 
 
 def test_follower_health_is_ready_with_unstarted_workers():
-    import threading
+    from types import SimpleNamespace
 
     from copd_operator.control.health import Health
+    from copd_operator.control.workqueue import Workers, WorkQueue
 
-    class W:
-        _threads = [threading.Thread(target=lambda: None, name="copd-worker-0")]
-
-    class E:
-        is_leader = False
-
-    h = Health({"worker_threads": W(), "elector": E()})
+    workers = Workers(WorkQueue(), lambda key: True, n=1, resync_s=60, on_error=lambda k, e: 1.0)  # never started
+    h = Health(SimpleNamespace(workers=workers, elector=SimpleNamespace(is_leader=False)))
     h.beat()
     ok, body = h.ready()
-    assert ok and body["leader"] is False
+    assert ok and body["leader"] is False and body["problems"] == []
+
+
+class FakeLeaseApi:
+    """CoordinationV1Api's read/replace on one Lease, with optional 409s on replace."""
+
+    def __init__(self, holder, conflicts=0):
+        from kubernetes import client
+
+        self.lease = client.V1Lease(metadata=client.V1ObjectMeta(name="l", namespace="ns", resource_version="1"),
+                                    spec=client.V1LeaseSpec(holder_identity=holder, lease_duration_seconds=15,
+                                                            lease_transitions=0))
+        self.conflicts, self.replaced = conflicts, []
+
+    def read_namespaced_lease(self, name, namespace, **_):
+        return self.lease
+
+    def replace_namespaced_lease(self, name, namespace, body, **_):
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        if self.conflicts:
+            self.conflicts -= 1
+            raise ApiException(status=409, reason="Conflict")
+        self.replaced.append(body)
+        rv = str(int(self.lease.metadata.resource_version) + 1)
+        self.lease = client.V1Lease(metadata=client.V1ObjectMeta(name=name, namespace=namespace, resource_version=rv),
+                                    spec=client.V1LeaseSpec(holder_identity=body["spec"].get("holderIdentity"),
+                                                            lease_duration_seconds=body["spec"]["leaseDurationSeconds"],
+                                                            lease_transitions=body["spec"]["leaseTransitions"]))
+        return self.lease
+
+
+def _elector(api):
+    from copd_operator.control.leader import LeaderElector
+
+    e = LeaderElector(None, "ns", "l", me=ME)
+    e.api = api
+    return e
+
+
+@pytest.mark.parametrize("what, holder, conflicts, writes, released", [
+    ("mine: cleared", ME, 0, 1, True),
+    ("mine, two 409s first: retried, then cleared", ME, 2, 1, True),
+    ("someone else's: untouched", OTHER, 0, 0, True),
+    ("free: untouched", None, 0, 0, True),
+    ("mine, 409 every time: gives up (it expires)", ME, 99, 0, False),
+])
+def test_release(what, holder, conflicts, writes, released):
+    api = FakeLeaseApi(holder, conflicts)
+    e = _elector(api)
+    e.is_leader = holder == ME  # release decides on the Lease as read, not on this flag
+    assert e.release(attempts=3) is released
+    assert len(api.replaced) == writes
+    if writes:
+        assert "holderIdentity" not in api.replaced[0]["spec"] and api.lease.spec.holder_identity is None
+    assert e.is_leader is False
+
+
+def test_release_is_idempotent_and_no_round_takes_the_lease_back():
+    api = FakeLeaseApi(ME)
+    e = _elector(api)
+    e.release()
+    e.release()
+    assert len(api.replaced) == 1
+    # a renew round that was waiting for the lock when release() ran must not re-acquire the free Lease
+    assert e.try_acquire_or_renew() is False and api.lease.spec.holder_identity is None

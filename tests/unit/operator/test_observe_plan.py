@@ -184,3 +184,69 @@ def test_branch_cr_status_phases():
     run, st = _running(done=("arith",))
     assert ob.branch_cr_status(st, "arith", 9, None, None, 1)["phase"] == "Waiting"
     assert ob.branch_cr_status(st, "reverse", 9, ob.JobOutcome("Running"), "j", 1)["phase"] == "Running"
+
+
+def _creates(ops, kind):
+    return [o.obj for o in ops if isinstance(o, Create) and o.obj["kind"] == kind]
+
+
+@pytest.mark.parametrize("missing, phase", [
+    (("arith", "reverse", "maxbox"), Phase.PENDING),  # a new run: every Branch, no stage Job yet
+    (("reverse",), Phase.PENDING),                    # one deleted by hand: made again; the others' Jobs go ahead
+    (("reverse",), Phase.FAILED),                     # an ended run makes no children
+])
+def test_missing_branches_are_planned_as_creates_and_their_jobs_wait(missing, phase):
+    run = run_ref()
+    snap = SnapB(run).obj()
+    for b in missing:
+        del snap.branches[b]
+    if phase == Phase.PENDING:
+        status, actions = decide(run.spec, RunStatus(), ob.observe(run.spec, RunStatus(), snap), NOW, 1)
+    else:
+        status, actions = RunStatus(phase=phase), []
+    ops = plan(run, CFG, status, actions, snap, NOW, 1)
+    branches = _creates(ops, "Branch")
+    jobs = {j["metadata"]["name"] for j in _creates(ops, "Job")}
+    if phase in (Phase.SUCCEEDED, Phase.FAILED):
+        assert branches == [] and jobs == set()
+        return
+    assert [b["spec"]["branch"] for b in branches] == list(missing)
+    assert all(b["spec"]["cycle"] == 1 and b["spec"]["stage"] == "RL" for b in branches)  # what the run wants
+    assert all(b["metadata"]["ownerReferences"][0]["uid"] == run.uid for b in branches)
+    assert jobs == {f"demo-{b.name}-c1-rl" for b in run.spec.branches if b.name not in missing}
+    assert not [o for o in ops if isinstance(o, Patch) and o.kind == "Branch" and o.name in
+                {f"demo-{b}" for b in missing}]
+
+
+def test_kwok_walk_through_from_no_branches_creates_each_object_once():
+    """A new run: the first pass makes the Branches, the next their Jobs (owned by the Branches' uids)."""
+    run = run_ref()
+    status, snap = RunStatus(), SnapB(run).obj()
+    snap.branches.clear()
+    made: list[str] = []
+    for _ in range(200):
+        status, actions = decide(run.spec, status, ob.observe(run.spec, status, snap), NOW, 1)
+        for op in plan(run, CFG, status, actions, snap, NOW, 1):
+            if isinstance(op, Create) and op.obj["kind"] == "Branch":
+                made.append(op.obj["metadata"]["name"])
+                snap.branches[op.obj["spec"]["branch"]] = {**op.obj, "metadata": {
+                    **op.obj["metadata"], "uid": f"uid-{op.obj['spec']['branch']}"}}
+            elif isinstance(op, Create) and op.obj["kind"] == "Job":
+                name = op.obj["metadata"]["name"]
+                made.append(name)
+                owner = op.obj["metadata"]["ownerReferences"][0]["uid"]
+                branch = next((b for b in snap.branches.values() if name.startswith(b["metadata"]["name"] + "-")),
+                              None)
+                assert branch is None or owner == branch["metadata"]["uid"], name
+                jb = JobB(name).succeeded("")
+                snap.jobs[name] = jb.job
+                snap.pods.extend(jb.pods)
+            elif isinstance(op, Create) and op.obj["kind"] == "Pod":
+                snap.pods.append({**op.obj, "status": {"podIP": "10.0.0.7"}})
+            elif isinstance(op, Delete) and op.kind == "Pod":
+                snap.pods = [p for p in snap.pods if p["metadata"]["name"] != op.name]
+        if status.phase in (Phase.SUCCEEDED, Phase.FAILED):
+            break
+    assert status.phase == Phase.SUCCEEDED
+    assert len(made) == len(set(made))
+    assert made[:3] == ["demo-arith", "demo-reverse", "demo-maxbox"]
