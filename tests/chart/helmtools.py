@@ -1,4 +1,4 @@
-"""Helpers of the chart tests (tests/helm, tests/cluster/test_helm_*): find helm/promtool, render the chart.
+"""Helpers of the chart tests (tests/chart, tests/cluster/test_helm_*): find helm/promtool, render the chart.
 
 The binaries are the pinned ones scripts/setup.sh builds (hack/cluster/build.sh
 --dir helm|promtool); a missing binary FAILS the test (CI must run these).

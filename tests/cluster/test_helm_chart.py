@@ -3,7 +3,7 @@ and `helm install` runs the operator (on the process node, from this checkout) w
 
 ServiceMonitor/PrometheusRule: the test installs minimal copies of the two monitoring.coreos.com CRDs
 (structural schemas with x-kubernetes-preserve-unknown-fields) so those kinds go through the same dry
-run; their content is checked by tests/helm (promtool).
+run; their content is checked by tests/chart (promtool).
 """
 
 from __future__ import annotations
