@@ -9,11 +9,16 @@ clip-higher (separate ε_low/ε_high); token-mean loss. Truncated responses (no 
 within `maxNewTokens`) follow `rl.truncation`: `zero-reward` (default) scores
 them 0 and keeps them in the loss, so the policy learns to stop; `mask` drops
 them from the loss (their group still uses them for the mean/std).
+
+A response is scored by the dataset's verifier unless the caller passes
+`reward_fn(response, example)`, e.g. to score a batch that mixes domains, each
+example by its own domain's verifier (the comparison's mixed-RLVR baseline).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import torch
 
@@ -24,9 +29,13 @@ from copd_runtime.maths.losses import clipped_pg_loss, group_advantages_P_G
 from copd_runtime.models.policy import Policy
 from copd_runtime.rollout import Rollout, sample, sequence_logprobs
 
+RewardFn = Callable[[str, Example], float]
 
-def rewards_of(rollout: Rollout, dataset: Dataset, rule: TruncationRule) -> torch.Tensor:
-    r = torch.tensor([score(text, ex.answer, dataset.reward) for text, ex in zip(rollout.responses, rollout.examples)])
+
+def rewards_of(rollout: Rollout, dataset: Dataset, rule: TruncationRule, reward_fn: RewardFn | None = None
+               ) -> torch.Tensor:
+    fn = reward_fn or (lambda text, ex: score(text, ex.answer, dataset.reward))
+    r = torch.tensor([fn(text, ex) for text, ex in zip(rollout.responses, rollout.examples)], dtype=torch.float32)
     if rule == TruncationRule.ZERO_REWARD:
         r = torch.where(rollout.truncated, torch.zeros_like(r), r)
     return r
@@ -66,12 +75,13 @@ def policy_update(
     return stats
 
 
-def grpo_step(policy: Policy, optimizer, dataset: Dataset, rl: RLSpec, rng: random.Random) -> dict[str, float]:
+def grpo_step(policy: Policy, optimizer, dataset: Dataset, rl: RLSpec, rng: random.Random,
+              reward_fn: RewardFn | None = None) -> dict[str, float]:
     prompts: list[Example] = rng.sample(dataset.train, min(rl.batch_size, len(dataset.train)))
     group = [ex for ex in prompts for _ in range(rl.group_size)]  # P*G rows, group-major
 
     rollout = sample(policy, group, rl.max_new_tokens, rl.temperature)
-    rewards_P_G = rewards_of(rollout, dataset, rl.truncation).view(len(prompts), rl.group_size)
+    rewards_P_G = rewards_of(rollout, dataset, rl.truncation, reward_fn).view(len(prompts), rl.group_size)
     adv_N = group_advantages_P_G(rewards_P_G).reshape(-1)
 
     loss_mask = rollout.response_mask.clone()

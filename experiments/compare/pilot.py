@@ -1,4 +1,4 @@
-"""Pilot study for `copd compare`: OPD gain as a function of teacher–student top-k overlap.
+"""Pilot study of the comparison: OPD gain as a function of teacher–student top-k overlap.
 
 From the common start (the base model) a teacher is trained with GRPO on one
 domain; its checkpoints after n ∈ `pilot.teacherSteps` RL steps are teachers at
@@ -19,7 +19,7 @@ from copd_core.seeding import step_seed
 from copd_runtime.recipes.diagnose import measure_direction
 from copd_runtime.recipes.evaluate import accuracy
 from copd_runtime.recipes.opd import opd_step
-from experiments.compare.harness import Ctx, MemoryHub, _seed, do_rl
+from experiments.compare.context import Ctx, MemoryHub, do_rl, seeded
 
 
 def pilot_jobs(pilot) -> list[tuple[str, int]]:
@@ -46,7 +46,7 @@ def run_pilot_one(ctx: Ctx, domain: str, seed: int) -> dict:
         hub = MemoryHub({domain: t}, s.rl.temperature)
         opd_ov = []
         for i in range(p.opd_steps):
-            rng = _seed(seed, "pilot-OPD", domain, i)  # same draws for every teacher
+            rng = seeded(seed, "pilot-OPD", domain, i)  # same draws for every teacher
             m = opd_step(student.policy, student.optimizer, {domain: ds}, hub, s.opd.beta, s.rl, s.opd,
                          s.diagnostics, rng)
             opd_ov.append(m[f"topk_overlap/{domain}"])

@@ -1,4 +1,4 @@
-"""Aggregate `copd compare` runs: comparison.json, comparison.md, pilot.json and PNG plots."""
+"""Aggregate the comparison's runs: comparison.json, comparison.md, pilot.json and PNG plots."""
 
 from __future__ import annotations
 
@@ -11,16 +11,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.compare.harness import CompareSpec, base_eval  # noqa: E402
+from experiments.compare.spec import CompareSpec  # noqa: E402
 
 NOTES = {
-    "experts": "K RL-only models; expert k scored on domain k (oracle routing, not one policy)",
-    "experts_merged": "linear average of the RL-only experts: merge without any OPD",
-    "mixed_rlvr": "one policy, GRPO on batches drawn from all domains",
-    "static_opd": "experts to the end (C·S_RL RL steps each), then the base distils from all of them",
-    "copd": "mutual mesh OPD every cycle, teachers frozen at OPD start, linear merge",
-    "copd_oneway": "only the first branch distils (from the others); the others spend OPD slots on RL; merged",
-    "copd_oneshot": "all RL first, then one mutual OPD phase; merged",
+    "experts": "K RL-only models (a CoPDRun without OPD, through LocalRun); expert k scored on domain k "
+               "(oracle routing, not one policy)",
+    "experts_merged": "the experts run's merge (linear average): merge without any OPD",
+    "mixed_rlvr": "one policy, the runtime's grpo_step on batches drawn from all domains",
+    "static_opd": "experts = CoPD's RL stages only (C·S_RL steps each), then the base distils from all of them "
+                  "(run_branch_stage)",
+    "copd": "a CoPDRun through LocalRun: mutual mesh OPD every cycle, teachers frozen at OPD start, linear merge",
+    "copd_oneway": "only the first branch distils (from the others); the others spend OPD slots on RL; merged "
+                   "(run_branch_stage)",
+    "copd_oneshot": "a CoPDRun of one cycle through LocalRun: all RL first, then one mutual OPD phase; merged",
 }
 
 
@@ -49,6 +52,8 @@ def aggregate(spec: CompareSpec, out: Path) -> dict:
             "avg_range": [round(min(avgs), 4), round(max(avgs), 4)],
             "updates": runs[0]["updates"], "rl_updates": runs[0]["rl_updates"],
             "opd_updates": runs[0]["opd_updates"], "rollouts": runs[0]["rollouts"],
+            "skipped_updates": [r.get("skipped_updates") for r in runs],
+            "merge_ready": [r.get("merge_ready") for r in runs], "executor": runs[0].get("executor"),
             "schedule": runs[0].get("schedule"), "note": NOTES.get(name, f"copd with S_RL:S_OPD = {name[5:]}" if name.startswith("copd@") else ""),
         }
     return methods
@@ -74,10 +79,9 @@ def aggregate_pilot(spec: CompareSpec, out: Path) -> dict | None:
     return {"opd_steps": spec.pilot.opd_steps if spec.pilot else None, "rows": rows, "summary": summary}
 
 
-def write_report(spec: CompareSpec, out: Path, wall_seconds: float | None = None) -> dict:
+def write_report(spec: CompareSpec, out: Path, base: dict[str, float], wall_seconds: float | None = None) -> dict:
     out = Path(out)
     methods = aggregate(spec, out)
-    base = base_eval(spec, out)
     plots = [plot_scores(spec, methods, base, out / "scores.png")]
     if any(json.loads(p.read_text()).get("cycles") for p in (out / "runs" / "copd").glob("*.json")) \
             if (out / "runs" / "copd").exists() else False:
@@ -94,11 +98,22 @@ def write_report(spec: CompareSpec, out: Path, wall_seconds: float | None = None
         "methods": methods, "plots": [p.name for p in plots], "wall_seconds": wall_seconds,
     }
     (out / "comparison.json").write_text(json.dumps(doc, indent=2))
-    (out / "comparison.md").write_text(markdown(spec, doc, pilot))
+    (out / "comparison.md").write_text(markdown(spec, doc, pilot, out))
     return doc
 
 
-def markdown(spec: CompareSpec, doc: dict, pilot: dict | None) -> str:
+def alignment_rows(spec: CompareSpec, out: Path, key: str) -> list[tuple[str, list[str]]]:
+    rows = []
+    for method in ("copd", "experts", "copd_oneway", "copd_oneshot"):
+        c = _cycle_curves(out, method, spec.seeds)
+        if c is None:
+            continue
+        cells = ["/".join(f"{c[b][key][i]:.2f}" for b in spec.domains) for i in range(1, len(c["cycle"]))]
+        rows.append((method, cells))
+    return rows
+
+
+def markdown(spec: CompareSpec, doc: dict, pilot: dict | None, out: Path) -> str:
     d = spec.domains
     b = doc["budget"]
     lines = [
@@ -106,15 +121,18 @@ def markdown(spec: CompareSpec, doc: dict, pilot: dict | None) -> str:
         f"Budget: {b['total_updates']} optimizer updates per method "
         f"(K={b['branches']} × C={b['cycles']} × T={b['steps_per_branch_per_cycle']}). "
         f"Greedy accuracy on {spec.eval_size} held-out prompts per domain; mean ± population std over seeds.", "",
-        "| method | " + " | ".join(d) + " | avg | updates (RL+OPD) | rollouts |",
-        "|---|" + "---|" * (len(d) + 3),
+        "| method | " + " | ".join(d) + " | avg | updates (RL+OPD) | S_RL:S_OPD × cycles | rollouts | run by |",
+        "|---|" + "---|" * (len(d) + 5),
         "| base (no training) | " + " | ".join(f"{doc['base_eval'][x]:.3f}" for x in d)
-        + f" | {sum(doc['base_eval'][x] for x in d) / len(d):.3f} | 0 | 0 |",
+        + f" | {sum(doc['base_eval'][x] for x in d) / len(d):.3f} | 0 | | 0 | |",
     ]
     for name, m in doc["methods"].items():
         cells = [f"{m['eval'][x]:.3f} ± {m['spread'][x]:.3f}" for x in d]
+        sched = m.get("schedule")
+        sched = f"{sched[0][0]}:{sched[0][1]} × {len(sched)}" if sched else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | **{m['avg']:.3f}** ± {m['avg_spread']:.3f} | "
-                     f"{m['updates']} ({m['rl_updates']}+{m['opd_updates']}) | {m['rollouts']} |")
+                     f"{m['updates']} ({m['rl_updates']}+{m['opd_updates']}) | {sched} | {m['rollouts']} | "
+                     f"{m.get('executor') or ''} |")
     merged = [(n, m) for n, m in doc["methods"].items() if m["seeds"][0].get("branches") and n != "experts"]
     if merged:
         lines += ["", "Branches before the merge (mean over seeds of each branch's own-domain score → merged "
@@ -125,6 +143,15 @@ def markdown(spec: CompareSpec, doc: dict, pilot: dict | None) -> str:
                 own = [s["branches"][x][x] for s in m["seeds"] if x in (s["branches"] or {})]
                 cells.append(f"{statistics.fmean(own):.3f} → {m['eval'][x]:.3f}" if own else "")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    for key, label in (("overlap", "top-k overlap"), ("symkl", "symmetric KL")):
+        rows = alignment_rows(spec, out, key)
+        if rows:
+            n = max(len(c) for _, c in rows)
+            lines += ["", f"Alignment at the end of each cycle, {label} of each branch (as student) with its peers "
+                      f"({' / '.join(d)}; mean over seeds; the Diagnose stage's probe):", "",
+                      "| method | " + " | ".join(f"cycle {i}" for i in range(1, n + 1)) + " |",
+                      "|---|" + "---|" * n]
+            lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
     if pilot:
         lines += ["", f"## Pilot: OPD gain vs teacher–student overlap ({pilot['opd_steps']} OPD steps, "
                   "student = base)", "",

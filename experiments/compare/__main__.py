@@ -1,0 +1,30 @@
+"""python -m experiments.compare SPEC --output DIR [--jobs N] [--pilot/--no-pilot]
+
+Trains CoPD, its baselines and its ablations (docs/science.md), writes
+DIR/comparison.json, comparison.md, pilot.json and the plots, and prints
+comparison.md. Jobs already on disk under DIR/runs/ are not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from experiments.compare.harness import main as run
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n\n")[1])
+    ap.add_argument("spec", type=Path, help="comparison spec (e.g. examples/compare.yaml)")
+    ap.add_argument("--output", "-o", type=Path, required=True, help="output directory (resumable)")
+    ap.add_argument("--jobs", "-j", type=int, default=1, help="worker processes (one torch thread each)")
+    ap.add_argument("--pilot", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the pilot study (OPD gain vs teacher–student overlap)")
+    args = ap.parse_args(argv)
+    run(args.spec, args.output, jobs=args.jobs, pilot=args.pilot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
