@@ -5,7 +5,8 @@
 #   hack/cluster/build.sh --dir COMPONENT  print the cache directory of COMPONENT
 #
 # Components: kube (kube-apiserver, kube-controller-manager, kube-scheduler,
-# kubectl), etcd, kwok (kwok + its CRDs), helm, promtool.
+# kubectl), etcd, kwok (kwok + its CRDs), helm, promtool, prometheus (the
+# server, without its web UI assets), alertmanager (a placeholder web UI).
 #
 # Versions come from hack/cluster/versions.env only. Each component is built
 # once into $COPD_CLUSTER_CACHE/bin/<component>-<version>/ (default
@@ -22,7 +23,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$HERE/versions.env"
 
 CACHE="${COPD_CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/copd-operator}"
-ALL=(etcd kube kwok helm promtool)
+ALL=(etcd kube kwok helm promtool prometheus alertmanager)
 
 version_of() {
   case "$1" in
@@ -30,7 +31,8 @@ version_of() {
     etcd) echo "$ETCD_VERSION" ;;
     kwok) echo "$KWOK_VERSION" ;;
     helm) echo "$HELM_VERSION" ;;
-    promtool) echo "$PROMETHEUS_VERSION" ;;
+    promtool|prometheus) echo "$PROMETHEUS_VERSION" ;;
+    alertmanager) echo "$ALERTMANAGER_VERSION" ;;
     *) echo "unknown component: $1" >&2; return 1 ;;
   esac
 }
@@ -122,15 +124,44 @@ build_helm() {
      -X helm.sh/helm/v3/internal/version.gitTreeState=clean" -o "$out/helm" helm.sh/helm/v3/cmd/helm)
 }
 
-build_promtool() {
-  local v="$PROMETHEUS_VERSION" src="$1" out="$2" pv
-  new_module "$src" copd.local/cluster/promtool
-  gomod_get "$src" -tool "github.com/prometheus/prometheus/cmd/promtool@$v"
+# prom_ldflags VERSION REVISION: stamp github.com/prometheus/common/version (what --version prints)
+prom_ldflags() {
+  echo "$LDBASE -X github.com/prometheus/common/version.Version=$1 \
+ -X github.com/prometheus/common/version.Revision=$2 -X github.com/prometheus/common/version.Branch=HEAD \
+ -X github.com/prometheus/common/version.BuildUser=copd-operator -X github.com/prometheus/common/version.BuildDate=$BUILD_DATE"
+}
+
+# build_prom_cmd COMPONENT CMD SRC OUT: one command of the Prometheus module through a wrapper module
+build_prom_cmd() {
+  local v="$PROMETHEUS_VERSION" c="$1" cmd="$2" src="$3" out="$4" pv
+  new_module "$src" "copd.local/cluster/$c"
+  gomod_get "$src" -tool "github.com/prometheus/prometheus/cmd/$cmd@$v"
   pv="$(cat "$(moddir "$src" github.com/prometheus/prometheus)/VERSION")"
-  (cd "$src" && go build -ldflags "$LDBASE -X github.com/prometheus/common/version.Version=$pv \
-     -X github.com/prometheus/common/version.Revision=module-$v -X github.com/prometheus/common/version.Branch=HEAD \
-     -X github.com/prometheus/common/version.BuildUser=copd-operator -X github.com/prometheus/common/version.BuildDate=$BUILD_DATE" \
-     -o "$out/promtool" github.com/prometheus/prometheus/cmd/promtool)
+  (cd "$src" && go build -ldflags "$(prom_ldflags "$pv" "module-$v")" \
+     -o "$out/$cmd" "github.com/prometheus/prometheus/cmd/$cmd")
+}
+
+build_promtool() { build_prom_cmd promtool promtool "$@"; }
+
+# The server. Its web UI (React) is embedded only with the `builtinassets` build tag, which
+# needs a node build of web/ui; without the tag the binary serves the HTTP API (all the
+# tests and scripts/observe-demo.sh use) and answers the UI pages with an error.
+build_prometheus() { build_prom_cmd prometheus prometheus "$@"; }
+
+# Alertmanager embeds its web UI (`//go:embed app/dist` in ui/web.go) and app/dist is built by
+# npm, so it is not in the module zip and the package cannot be built from the module cache
+# as is. Build from a writable copy of the module with a placeholder app/dist/index.html
+# (the API under /api/v2 is complete; the UI pages say they are not built).
+build_alertmanager() {
+  local v="$ALERTMANAGER_VERSION" src="$1" out="$2" mod
+  mod="$(go mod download -json "github.com/prometheus/alertmanager@$v" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+  [[ -d "$mod" ]] || { echo "alertmanager $v: module download failed" >&2; return 1; }
+  rm -rf "$src"; cp -r "$mod" "$src"; chmod -R u+w "$src"
+  mkdir -p "$src/ui/app/dist"
+  printf '<!doctype html><title>Alertmanager</title><p>The web UI is not built here; use the API under /api/v2.</p>\n' \
+    > "$src/ui/app/dist/index.html"
+  (cd "$src" && GOWORK=off go build -ldflags "$(prom_ldflags "${v#v}" "module-$v")" \
+     -o "$out/alertmanager" ./cmd/alertmanager)
 }
 
 comps=("$@"); [[ ${#comps[@]} -gt 0 ]] || comps=("${ALL[@]}")
