@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 from copd_operator.control.health import Health
+from copd_operator.control.workqueue import Workers, WorkQueue
 
 
 class Clock:
@@ -20,12 +21,16 @@ class Clock:
         return self.t
 
 
-class FakeWorkers:
-    def __init__(self, n=2):
-        self.stop = threading.Event()
-        self._threads = [threading.Thread(target=self.stop.wait, name=f"w{i}", daemon=True) for i in range(n)]
-        for t in self._threads:
-            t.start()
+def started_workers(n=2) -> Workers:
+    """Real Workers (n reconcile threads + the resync thread) on an empty queue, running."""
+    w = Workers(WorkQueue(), lambda key: True, n, resync_s=60, on_error=lambda k, e: 1.0)
+    w.start()
+    return w
+
+
+def runtime(workers=None):
+    """What Health reads of the OperatorRuntime (control.health.Probed)."""
+    return SimpleNamespace(workers=workers, elector=None)
 
 
 def _port() -> int:
@@ -43,21 +48,21 @@ def _get(port, path):
 
 
 def test_not_ready_until_started_then_live_and_ready():
-    clock, state = Clock(), {}
+    clock, state = Clock(), runtime()
     h = Health(state, max_beat_age_s=30, clock=clock)
     assert h.live()[0]  # nothing has failed yet: do not get killed while starting
     ok, body = h.ready()
     assert not ok and "starting" in body["problems"]
-    workers = FakeWorkers()
-    state["worker_threads"] = workers
+    workers = started_workers()
+    state.workers = workers
     h.beat()
     assert h.live() == (True, {"ok": True, "problems": []})
     assert h.ready()[0]
-    workers.stop.set()
+    workers.stop()
 
 
 def test_wedged_event_loop_fails_liveness():
-    clock, state = Clock(), {"worker_threads": FakeWorkers()}
+    clock, state = Clock(), runtime(started_workers())
     h = Health(state, max_beat_age_s=30, clock=clock)
     h.beat()
     clock.t += 29
@@ -66,42 +71,42 @@ def test_wedged_event_loop_fails_liveness():
     ok, body = h.live()
     assert not ok and "event loop silent" in body["problems"][0]
     assert not h.ready()[0]
-    state["worker_threads"].stop.set()
+    state.workers.stop()
 
 
 def test_dead_worker_thread_fails_liveness():
-    workers = FakeWorkers(3)
-    h = Health({"worker_threads": workers}, clock=Clock())
+    workers = started_workers(3)
+    h = Health(runtime(workers), clock=Clock())
     h.beat()
-    workers.stop.set()
-    for t in workers._threads:
-        t.join(5)
+    workers.stop()
+    assert workers.join(5)
     ok, body = h.live()
-    assert not ok and body["problems"] == [f"thread w{i} is dead" for i in range(3)]
+    assert not ok and body["problems"] == [f"thread copd-worker-{i} is dead" for i in range(3)] + [
+        "thread copd-resync is dead"]
 
 
 def test_http_codes():
-    clock, state = Clock(), {}
+    clock, state = Clock(), runtime()
     h = Health(state, clock=clock)
     port = _port()
     server = h.serve(port, host="127.0.0.1")
     try:
         assert _get(port, "/readyz")[0] == 503
         assert _get(port, "/healthz") == (200, {"ok": True, "problems": []})
-        state["worker_threads"] = FakeWorkers()
+        state.workers = started_workers()
         h.beat()
         assert _get(port, "/readyz")[0] == 200
         clock.t += 1000
         code, body = _get(port, "/healthz")
         assert code == 503 and body["ok"] is False
         assert _get(port, "/nope")[0] == 404
-        state["worker_threads"].stop.set()
+        state.workers.stop()
     finally:
         server.shutdown()
 
 
 def test_beat_forever_beats_on_the_loop():
-    h = Health({}, clock=Clock())
+    h = Health(runtime(), clock=Clock())
 
     async def go():
         task = asyncio.get_running_loop().create_task(h.beat_forever())
