@@ -45,6 +45,24 @@ def _manifest(path: Path):
         raise typer.Exit(2) from None
 
 
+def _preflight(spec, storage: Path, report_file: Path | None = None, branches: list[str] | None = None) -> None:
+    """Refuse bad input before any work: one line naming the spec field and the path, exit 2.
+    In a pod the same line is the report (termination message) and the operator fails the run
+    with reason InvalidInput instead of retrying (exit code 2 is a FailJob rule)."""
+    from copd_runtime.preflight import check_inputs
+
+    problems = check_inputs(spec, storage, branches)
+    if not problems:
+        return
+    first = problems[0].line()
+    if report_file is not None:
+        _report({"failed": True, "reason": "InvalidInput", "field": problems[0].field, "message": first},
+                 report_file, quiet=True)
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    typer.secho(f"invalid input: {first}{more}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
 def _torch_threads() -> None:
     """Intra-op threads for torch (COPD_TORCH_THREADS, default 1). On GPU they barely matter;
     on a shared CPU, small models run several times faster on one thread than on two that
@@ -57,9 +75,10 @@ def _torch_threads() -> None:
     torch.set_num_threads(max(1, int(os.environ.get("COPD_TORCH_THREADS", "1"))))
 
 
-def _report(obj: dict, report_file: Path | None) -> None:
+def _report(obj: dict, report_file: Path | None, quiet: bool = False) -> None:
     line = json.dumps(obj)
-    print(line, flush=True)
+    if not quiet:
+        print(line, flush=True)
     if report_file is not None:
         try:
             report_file.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +106,7 @@ def run(
     import time
 
     m = _manifest(manifest)
+    _preflight(m.spec, output.resolve())
     _torch_threads()
     from copd_core.metrics import CoPDMetrics
     from copd_runtime.local.progress import Progress
