@@ -32,6 +32,7 @@ R_NOT_ALIGNED = "NotAligned"
 R_MERGE_FAILED = "MergeFailed"
 R_MERGED = "Merged"
 R_INVALID_SPEC = "InvalidSpec"
+R_INVALID_INPUT = "InvalidInput"  # a file the spec names is missing or malformed (found by the trainer)
 
 
 class _Status(BaseModel):

@@ -131,6 +131,7 @@ class BranchReport:
     done: bool = False
     failed: bool = False
     message: str = ""
+    reason: str | None = None  # why it failed, when the trainer knows (e.g. InvalidInput): retrying cannot help
 
 
 @dataclass(frozen=True)
@@ -361,7 +362,8 @@ def _decide_branch_stage(d: _Decision, observed: Observed) -> None:
         if name not in s.branches or report.cycle != s.cycle or report.stage != s.stage:
             continue  # a report about another stage: stale, ignore
         if report.failed:
-            d.fail(R_BRANCH_FAILED, f"branch {name}, cycle {s.cycle} {s.stage.value}: {report.message}")
+            d.fail(report.reason or R_BRANCH_FAILED,
+                   f"branch {name}, cycle {s.cycle} {s.stage.value}: {report.message}")
             return
         b = s.branches[name]
         s.branches[name] = BranchStatus(

@@ -149,6 +149,9 @@ def test_not_aligned_fails_when_policy_says_so():
 @pytest.mark.parametrize("observed, reason", [
     (Observed(branches={"a": BranchReport(1, Stage.RL, failed=True, message="OOM")}), "BranchFailed"),
     (Observed(invalid_spec="dataset /x.jsonl not found"), "InvalidSpec"),
+    (Observed(branches={"a": BranchReport(1, Stage.RL, failed=True, reason="InvalidInput",
+                                          message="spec.branches[0].dataset.path: /x.jsonl: no such file")}),
+     "InvalidInput"),
 ])
 def test_failures_become_failed_condition(observed, reason):
     spec = SpecBuilder().obj()
