@@ -275,7 +275,7 @@ class CoPDRunSpec(_Model):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
     seed: int = Field(0, ge=0, description="Seed of everything random in the run.")
-    suspend: bool = Field(False, description="Stop creating pods; resume from the last checkpoint when false.")
+    suspend: bool = Field(False, strict=True, description="Stop creating pods; resume from the last checkpoint when false.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> CoPDRunSpec:

@@ -1,36 +1,16 @@
 """Admission on the real apiserver: the generated schema + CEL rules accept the example exactly as
-`copd run` does and refuse bad manifests with a message naming the field; what only the operator
+`copd run` does and refuse every manifest of tests/malformed.py with a message naming the field; what only the operator
 can judge ends as a Failed condition."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import yaml
 
 from tests.cluster.support import ROOT, Api, Operator, apply_crds, apply_doc, example, wait_for
-
-# (mutation of spec, text the apiserver's message must contain)
-BAD = {
-    # same name, other data (an identical item is refused even earlier, as "Duplicate value")
-    "duplicate branch": (lambda s: s["branches"].append({**copy.deepcopy(s["branches"][0]),
-                                                         "dataset": {"builtin": "color"}}), "duplicate branch names"),
-    "hub missing": (lambda s: s["opd"].update(topology="hub-and-spoke"), "opd.hub"),
-    "hub not a branch": (lambda s: s["opd"].update(topology="hub-and-spoke", hub="nope"), "opd.hub"),
-    "weights unknown": (lambda s: s["merge"].update(weights={"nope": 1.0}), "merge.weights"),
-    "minCycles > cycles": (lambda s: s["mergeReadiness"].update(minCycles=9), "mergeReadiness.minCycles"),
-    "two dataset sources": (lambda s: s["branches"][0]["dataset"].update(path="x.jsonl"),
-                            "exactly one of `builtin` or `path`"),
-    "no steps": (lambda s: s["schedule"].update(rlStepsPerCycle=0, opdStepsPerCycle=0), "cannot both be 0"),
-    "bad scheme": (lambda s: s["baseModel"].update(uri="hf://Qwen/x"), "baseModel.uri"),
-    "unknown field": (lambda s: s["rl"].update(learningRat=0.1), "learningRat"),
-    "out of range": (lambda s: s["rl"].update(clipEpsLow=1.5), "spec.rl.clipEpsLow"),
-    "bad enum": (lambda s: s["opd"].update(topology="ring"), "spec.opd.topology"),
-    "bad branch name": (lambda s: s["branches"][0].update(name="Bad_Name"), "spec.branches[0].name"),
-    "one branch": (lambda s: s.update(branches=s["branches"][:1]), "spec.branches"),
-}
+from tests.malformed import MALFORMED, malformed
 
 
 def _dry_run(cluster, ns, doc):
@@ -44,12 +24,11 @@ def test_admission_accepts_the_example_and_names_bad_fields(cluster, namespace):
                         check=False)
     assert p.returncode == 0, p.stderr
     failures = []
-    for case, (mutate, needle) in BAD.items():
-        doc = example()
-        mutate(doc["spec"])
-        p = _dry_run(cluster, namespace, doc)
+    for case, (_, needle) in MALFORMED.items():
+        p = _dry_run(cluster, namespace, malformed(case))
         if p.returncode == 0 or needle not in p.stderr:
             failures.append(f"{case}: rc={p.returncode} {p.stderr.strip()[:300]}")
+    assert len(MALFORMED) >= 40
     assert not failures, "\n".join(failures)
 
 
