@@ -272,10 +272,13 @@ class _Decision:
         self.cond(COND_PROGRESSING, False, reason, message)
         self.actions.append(StopWork(reason))
 
-    def next_stage(self) -> Stage | None:
-        order = stages_of(self.spec)
-        i = order.index(self.s.stage)
-        return order[i + 1] if i + 1 < len(order) else None
+    def next_stage(self) -> Stage:
+        """The stage after the current one. The schedule may have been edited during the stage (e.g.
+        its step count set to 0, so it is no longer in `stages_of`): the next stage is then the first
+        remaining one after it in RL -> OPD -> Diagnose order, never an error."""
+        canonical = list(Stage)
+        here = canonical.index(self.s.stage)
+        return next(st for st in stages_of(self.spec) if canonical.index(st) > here)
 
 
 def fail_run(

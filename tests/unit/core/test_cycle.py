@@ -229,3 +229,19 @@ def test_fail_run_is_what_decide_does_for_an_invalid_spec():
     spec = SpecBuilder().obj()
     s, _ = step(spec, RunStatus())
     assert decide(spec, s, Observed(invalid_spec="no dataset"), T0, 3) == fail_run(s, "InvalidSpec", "no dataset", T0, 3)
+
+
+@pytest.mark.parametrize("edit, during, then", [
+    ({"opdStepsPerCycle": 0}, Stage.OPD, Stage.DIAGNOSE),   # the current stage vanished from the schedule
+    ({"rlStepsPerCycle": 0}, Stage.RL, Stage.OPD),
+    ({"rlStepsPerCycle": 0}, Stage.OPD, Stage.DIAGNOSE),   # an earlier stage vanished
+    ({"opdStepsPerCycle": 0}, Stage.RL, Stage.DIAGNOSE),   # a later one vanished: skipped
+])
+def test_schedule_edited_mid_stage_moves_on(edit, during, then):
+    spec = SpecBuilder().obj()
+    s, _ = step(spec, RunStatus())
+    while s.stage != during:
+        s, _ = step(spec, s, done(s.cycle, s.stage, "a", "b"))
+    edited = SpecBuilder().set("schedule", **edit).obj()
+    s, acts = step(edited, s, done(s.cycle, during, "a", "b"))
+    assert s.phase == Phase.RUNNING and s.stage == then, (s.phase, s.stage)
