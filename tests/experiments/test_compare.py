@@ -1,21 +1,29 @@
-"""`copd compare` on a tiny budget: the real command, the output contract, the budget accounting."""
+"""The science harness (`python -m experiments.compare`) on a tiny budget: the command, the output
+contract, the budget accounting, and that its CoPD arms ran through the runtime's own executor."""
 
 import json
+import random
+import subprocess
+import sys
 
 import pytest
+import torch
 import yaml
-from typer.testing import CliRunner
 
-from copd_runtime.cli import app
-from experiments.compare.harness import BASE_METHODS, CompareSpec, load_compare_spec, ratio_name, split_steps
+from copd_core.cycle import Phase
+from copd_core.spec import CoPDRunManifest, RewardSpec, RLSpec, TruncationRule, Verifier
+from copd_runtime.builtin.tiny_text import build_tiny_qwen3
+from copd_runtime.data.datasets import text_examples
+from copd_runtime.data.examples import Dataset
+from copd_runtime.local.runner import read_metrics
+from copd_runtime.recipes.grpo import grpo_step
+from experiments.compare.spec import BASE_METHODS, CompareSpec, cycle_schedule, load_compare_spec, ratio_name
 
 
-def test_split_steps_exact_totals():
-    for ratio, (rl, opd) in {0.5: (40, 80), 1: (60, 60), 1.5: (72, 48), 3: (90, 30)}.items():
-        sched = split_steps(20, ratio, 6)
-        assert len(sched) == 6
-        assert all(r + o == 20 for r, o in sched)
-        assert (sum(r for r, _ in sched), sum(o for _, o in sched)) == (rl, opd)
+def test_cycle_schedule_keeps_the_per_cycle_total():
+    assert [cycle_schedule(20, r) for r in (0.5, 1, 1.5, 3)] == [(7, 13), (10, 10), (12, 8), (15, 5)]
+    assert cycle_schedule(4, 1) == (2, 2) and cycle_schedule(4, 3) == (3, 1)
+    assert all(sum(cycle_schedule(t, r)) == t for t in (2, 5, 15, 20) for r in (0.1, 0.5, 1, 1.5, 3, 50))
 
 
 def test_example_spec_parses():
@@ -25,6 +33,18 @@ def test_example_spec_parses():
     assert {ratio_name(r) for r in (0.5, 1, 1.5, 3)} <= set(spec.method_names())
     with pytest.raises(ValueError):
         CompareSpec(methods=["copd", "nope"])
+
+
+def test_grpo_step_reward_fn_scores_each_example():
+    """Mixed RLVR's batches mix domains: `reward_fn` is what scores them, not the dataset's verifier."""
+    policy = build_tiny_qwen3(seed=0, warm_steps=0)
+    opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-4)
+    pool = Dataset("mixed", text_examples("arith", 8, 0) + text_examples("reverse", 8, 0), [],
+                   RewardSpec(verifier=Verifier.EXACT))
+    rl = RLSpec(group_size=2, batch_size=6, max_new_tokens=4, truncation=TruncationRule.MASK)
+    m = grpo_step(policy, opt, pool, rl, random.Random(3), lambda text, ex: float(ex.domain == "arith"))
+    chosen = random.Random(3).sample(pool.train, 6)
+    assert m["reward_mean"] == pytest.approx(sum(ex.domain == "arith" for ex in chosen) / 6)
 
 
 @pytest.mark.slow
@@ -43,8 +63,10 @@ def test_compare_command_contract(tmp_path):
     spec_file = tmp_path / "compare.yaml"
     spec_file.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["compare", str(spec_file), "--output", str(out)])
-    assert res.exit_code == 0, res.output + repr(res.exception)
+    res = subprocess.run([sys.executable, "-m", "experiments.compare", str(spec_file), "--output", str(out)],
+                         capture_output=True, text=True, timeout=560)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "| copd |" in res.stdout  # prints comparison.md
 
     doc = json.loads((out / "comparison.json").read_text())
     expected = set(BASE_METHODS) | {"copd@3"}
@@ -59,6 +81,40 @@ def test_compare_command_contract(tmp_path):
         assert m["rl_updates"] + m["opd_updates"] == budget
     assert doc["methods"]["experts"]["opd_updates"] == doc["methods"]["mixed_rlvr"]["opd_updates"] == 0
     assert doc["methods"]["copd"]["opd_updates"] == doc["methods"]["static_opd"]["opd_updates"] == 12
+    assert doc["methods"]["copd@3"]["rl_updates"] == 18 and doc["methods"]["copd_oneway"]["opd_updates"] == 4
+    assert {n: m["executor"] for n, m in doc["methods"].items()} == {
+        "experts": "LocalRun", "experts_merged": "LocalRun", "copd": "LocalRun", "copd@3": "LocalRun",
+        "copd_oneshot": "LocalRun", "copd_oneway": "run_branch_stage", "static_opd": "run_branch_stage",
+        "mixed_rlvr": "grpo_step"}
+
+    # The CoPD arms went through LocalRun: a CoPDRun manifest, the run status that `decide` wrote,
+    # branch checkpoints, one Diagnose per cycle, the merge, and exactly the steps the table counts.
+    for method, (cycles, rl, opd) in {"copd": (2, 2, 2), "copd@3": (2, 3, 1), "copd_oneshot": (1, 4, 4),
+                                      "experts": (2, 4, 0)}.items():
+        st = out / "storage" / method / "seed-0"
+        run = CoPDRunManifest.model_validate_json((st / "copdrun.json").read_text())
+        sched = run.spec.schedule
+        assert (sched.cycles, sched.rl_steps_per_cycle, sched.opd_steps_per_cycle) == (cycles, rl, opd), method
+        assert [b.name for b in run.spec.branches] == ["arith", "reverse", "maxbox"] and run.spec.seed == 0
+        status = json.loads((st / "status.json").read_text())
+        assert status["phase"] == Phase.SUCCEEDED and status["cycle"] == cycles, method
+        assert status["mergedModel"] == str(st / "merged") and (st / "merged" / "config.json").exists()
+        assert len(list((st / "diagnostics").glob("cycle-*.json"))) == cycles
+        for b in ("arith", "reverse", "maxbox"):
+            last = f"c{cycles:03d}-{'OPD' if opd else 'RL'}-s{opd or rl:05d}"
+            assert (st / "branches" / b / "checkpoints" / last / "state.json").exists(), (method, b)
+        recs = read_metrics(st / "metrics.jsonl")
+        m = doc["methods"][method]
+        assert (sum(r["phase"] == "RL" for r in recs), sum(r["phase"] == "OPD" for r in recs)) == \
+            (m["rl_updates"], m["opd_updates"]) == (3 * cycles * rl, 3 * cycles * opd)
+    # Common random numbers through the runtime's step seeds: one-way OPD's non-distilling branches
+    # (run_branch_stage, paused and resumed) take exactly the experts' (LocalRun) steps.
+    steps = {m: {(r["branch"], r["phase"], r["cycle"], r["step"]): (r["reward_mean"], r["loss"])
+                 for r in read_metrics(out / "storage" / m / "seed-0" / "metrics.jsonl")}
+             for m in ("experts", "copd_oneway")}
+    shared = [k for k in steps["copd_oneway"] if k[0] != "arith"]
+    assert len(shared) == 2 * 2 * 4 and all(steps["copd_oneway"][k] == steps["experts"][k] for k in shared)
+
     pilot = json.loads((out / "pilot.json").read_text())
     assert {r["teacher_steps"] for r in pilot["summary"]} == {0, 2}
     assert all(0.0 <= r["topk_overlap"] <= 1.0 for r in pilot["rows"])
