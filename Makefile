@@ -32,3 +32,6 @@ lint:             ## ruff, the import contracts (layers, no cycles), and uv.lock
 
 compare:          ## the science comparison (docs/science.md; ~15-30 min on 2 cores)
 	.venv/bin/python -m experiments.compare examples/compare.yaml --output runs/compare --jobs 2
+
+observe-demo:     ## Prometheus + Alertmanager fire CoPDTopKOverlapCollapse for a diverging run (README "Observe")
+	scripts/observe-demo.sh

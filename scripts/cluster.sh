@@ -4,6 +4,8 @@
 #   scripts/cluster.sh up       build what is missing, start everything, wait healthy (idempotent)
 #   scripts/cluster.sh down     stop what `up` started (PID files) and remove the state
 #   scripts/cluster.sh status   show each component and whether it is healthy
+#   scripts/cluster.sh target add|rm operator|copd-run NAME [HOST:PORT]
+#                               (un)register a metrics endpoint with the local Prometheus
 #
 # Components (binaries built from Go modules by hack/cluster/build.sh, versions
 # in hack/cluster/versions.env): etcd, kube-apiserver (RBAC, TLS on 127.0.0.1
@@ -11,14 +13,20 @@
 # kwok-gpu-0..N-1) and a Python process node (hack/cluster/procnode/procnode.py,
 # node proc-node-0) that runs pods as local processes. No kubelet, kube-proxy
 # or CNI: Services get ClusterIPs but nothing routes them.
+# Monitoring: prometheus (scrapes the operator and `copd run --metrics-port`
+# endpoints registered with `target add`, evaluates the alert rules rendered
+# from helm/copd-operator with hack/cluster/prometheus/values.yaml) and
+# alertmanager (receives them; GET /api/v2/alerts). Both on 127.0.0.1 only.
 #
 # Outputs: .cluster/kubeconfig (admin, group system:masters), .cluster/env (source
-# it: PATH with kubectl/helm/promtool, KUBECONFIG), logs in .cluster/logs/.
+# it: PATH with kubectl/helm/promtool, KUBECONFIG, COPD_PROMETHEUS_URL,
+# COPD_ALERTMANAGER_URL, COPD_PROMETHEUS_TARGETS), logs in .cluster/logs/.
 #
 # Environment overrides (defaults in brackets):
 #   COPD_CLUSTER_DIR [<repo>/.cluster]   COPD_CLUSTER_CACHE [~/.cache/copd-operator]
 #   COPD_ETCD_PORT [23790] (peer: +10)   COPD_APISERVER_PORT [26443]
 #   COPD_CM_PORT [20257]  COPD_SCHED_PORT [20259]  COPD_KWOK_PORT [20247]
+#   COPD_PROMETHEUS_PORT [29090]   COPD_ALERTMANAGER_PORT [29093]
 #   COPD_KWOK_NODES [4]   COPD_PROCNODE_NAME [proc-node-0]
 set -euo pipefail
 
@@ -32,11 +40,15 @@ API_PORT="${COPD_APISERVER_PORT:-26443}"
 CM_PORT="${COPD_CM_PORT:-20257}"
 SCHED_PORT="${COPD_SCHED_PORT:-20259}"
 KWOK_PORT="${COPD_KWOK_PORT:-20247}"
+PROM_PORT="${COPD_PROMETHEUS_PORT:-29090}"
+AM_PORT="${COPD_ALERTMANAGER_PORT:-29093}"
 KWOK_NODES="${COPD_KWOK_NODES:-4}"
 PROCNODE="${COPD_PROCNODE_NAME:-proc-node-0}"
 SERVICE_CIDR=10.96.0.0/16
 API="https://127.0.0.1:$API_PORT"
-COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok procnode)
+PROM="$ST/prometheus" AM="$ST/alertmanager"
+MON_SRC="$ROOT/hack/cluster/prometheus"
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok procnode alertmanager prometheus)
 
 log() { echo "[cluster $(date +%H:%M:%S)] $*" >&2; }
 die() { echo "[cluster] ERROR: $*" >&2; exit 1; }
@@ -44,6 +56,7 @@ die() { echo "[cluster] ERROR: $*" >&2; exit 1; }
 bindirs() {
   KUBE_BIN="$("$BUILD" --dir kube)" ETCD_BIN="$("$BUILD" --dir etcd)" KWOK_BIN="$("$BUILD" --dir kwok)"
   HELM_BIN="$("$BUILD" --dir helm)" PROMTOOL_BIN="$("$BUILD" --dir promtool)"
+  PROMETHEUS_BIN="$("$BUILD" --dir prometheus)" ALERTMANAGER_BIN="$("$BUILD" --dir alertmanager)"
 }
 
 pid_of() { cat "$PIDS/$1.pid" 2>/dev/null || true; }
@@ -181,12 +194,77 @@ export KUBECONFIG="$ST/kubeconfig"
 export COPD_CLUSTER_DIR="$ST"
 export COPD_PROCNODE_NAME="$PROCNODE"
 export COPD_PROCNODE_WORKDIR="$ST/procnode"
+export COPD_PROMETHEUS_URL="http://127.0.0.1:$PROM_PORT"
+export COPD_ALERTMANAGER_URL="http://127.0.0.1:$AM_PORT"
+export COPD_PROMETHEUS_TARGETS="$PROM/targets"
 EOF
   mv "$ST/env.tmp" "$ST/env"
 }
 
 python_bin() {
   if [[ -x "$ROOT/.venv/bin/python" ]]; then echo "$ROOT/.venv/bin/python"; else command -v python3; fi
+}
+
+# ---- monitoring --------------------------------------------------------------
+# monitoring_config: the alert rules rendered from the chart, the Prometheus and
+# Alertmanager configuration. The scrape job of the operator is named after the
+# job the rendered CoPDOperatorDown selects (the chart's metrics Service name),
+# so the rule works unchanged here as it does with a ServiceMonitor.
+monitoring_config() {
+  mkdir -p "$PROM/rules" "$PROM/data" "$PROM/targets/operator" "$PROM/targets/copd-run" "$AM/data"
+  local rule job
+  rule="$("$HELM_BIN/helm" template copd "$ROOT/helm/copd-operator" --namespace copd-system \
+    -f "$MON_SRC/values.yaml" --show-only templates/prometheusrule.yaml)" || die "helm template of the alert rules failed"
+  # a PrometheusRule's spec ({groups: [...]}) is a Prometheus rules file
+  awk 'f { sub(/^  /, ""); print } /^spec:$/ { f = 1 }' <<<"$rule" > "$PROM/rules/copd-operator.yaml.tmp"
+  "$PROMTOOL_BIN/promtool" check rules "$PROM/rules/copd-operator.yaml.tmp" >/dev/null \
+    || die "the rules rendered from helm/copd-operator do not load: $PROM/rules/copd-operator.yaml.tmp"
+  mv "$PROM/rules/copd-operator.yaml.tmp" "$PROM/rules/copd-operator.yaml"
+  job="$(grep -o 'up{job="[^"]*"}' "$PROM/rules/copd-operator.yaml" | head -1 | sed 's/^up{job="\(.*\)"}$/\1/')"
+  [[ -n "$job" ]] || die "no up{job=...} selector in the rendered CoPDOperatorDown"
+  sed -e "s/@ALERTMANAGER_PORT@/$AM_PORT/g" -e "s/@OPERATOR_JOB@/$job/g" "$MON_SRC/prometheus.yml" > "$PROM/prometheus.yml.tmp"
+  "$PROMTOOL_BIN/promtool" check config --syntax-only "$PROM/prometheus.yml.tmp" >/dev/null \
+    || die "invalid Prometheus configuration: $PROM/prometheus.yml.tmp"
+  mv "$PROM/prometheus.yml.tmp" "$PROM/prometheus.yml"
+  cp "$MON_SRC/alertmanager.yml" "$AM/alertmanager.yml"
+}
+
+# reload NAME PORT: make a running Prometheus/Alertmanager re-read its files
+reload() { curl -fsS -X POST "http://127.0.0.1:$2/-/reload" >/dev/null || die "$1 refused to reload (see $LOGS/$1.log)"; }
+
+start_monitoring() {
+  local was_am=0 was_prom=0
+  alive alertmanager && was_am=1
+  alive prometheus && was_prom=1
+  start alertmanager "$AM_PORT" "$ALERTMANAGER_BIN/alertmanager" --config.file "$AM/alertmanager.yml" \
+    --storage.path "$AM/data" --web.listen-address "127.0.0.1:$AM_PORT" --cluster.listen-address= \
+    --log.level warn
+  start prometheus "$PROM_PORT" "$PROMETHEUS_BIN/prometheus" --config.file "$PROM/prometheus.yml" \
+    --storage.tsdb.path "$PROM/data" --storage.tsdb.retention.time 2d \
+    --web.listen-address "127.0.0.1:$PROM_PORT" --web.external-url "http://127.0.0.1:$PROM_PORT/" \
+    --web.enable-lifecycle --enable-feature created-timestamp-zero-ingestion --log.level warn
+  wait_for alertmanager 60 curl -fsS "http://127.0.0.1:$AM_PORT/-/ready"
+  wait_for prometheus 60 curl -fsS "http://127.0.0.1:$PROM_PORT/-/ready"
+  # already running: pick up rules/configuration rendered from a changed chart or values
+  [[ $was_am == 0 ]] || reload alertmanager "$AM_PORT"
+  [[ $was_prom == 0 ]] || reload prometheus "$PROM_PORT"
+}
+
+# target add|rm operator|copd-run NAME [HOST:PORT]: a file_sd target of the local Prometheus
+cmd_target() {
+  local op="${1:-}" job="${2:-}" name="${3:-}" addr="${4:-}"
+  [[ "$job" == operator || "$job" == copd-run ]] || die "usage: $0 target add|rm operator|copd-run NAME [HOST:PORT]"
+  [[ "$name" =~ ^[A-Za-z0-9._-]+$ ]] || die "target NAME: letters, digits, . _ - only"
+  local f="$PROM/targets/$job/$name.json"
+  case "$op" in
+    add)
+      [[ -n "$addr" ]] || die "usage: $0 target add $job $name HOST:PORT"
+      mkdir -p "$PROM/targets/$job"
+      printf '[{"targets": ["%s"]}]\n' "$addr" > "$f.tmp" && mv "$f.tmp" "$f"
+      log "Prometheus scrapes $addr (job $job) within seconds: $f" ;;
+    rm) rm -f "$f" ;;
+    *) die "usage: $0 target add|rm operator|copd-run NAME [HOST:PORT]" ;;
+  esac
 }
 
 cmd_up() {
@@ -199,6 +277,7 @@ cmd_up() {
   kubeconfig "$ST/controller-manager.kubeconfig" controller-manager system:kube-controller-manager
   kubeconfig "$ST/scheduler.kubeconfig" scheduler system:kube-scheduler
   write_env
+  monitoring_config
 
   start etcd "$ETCD_PORT" "$ETCD_BIN/etcd" --name copd --data-dir "$ST/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
@@ -259,6 +338,8 @@ EOF
     --kubeconfig "$ST/kubeconfig" --name "$PROCNODE" --workdir "$ST/procnode" \
     --api-host 127.0.0.1 --api-port "$API_PORT"
 
+  start_monitoring
+
   wait_for kube-controller-manager 90 healthz "$CM_PORT"
   wait_for kube-scheduler 90 healthz "$SCHED_PORT"
   wait_for kwok 60 curl -fsS "http://127.0.0.1:$KWOK_PORT/healthz"
@@ -303,6 +384,16 @@ cmd_status() {
   else
     echo "apiserver                not ready"; rc=1
   fi
+  if curl -fsS "http://127.0.0.1:$PROM_PORT/-/ready" >/dev/null 2>&1; then
+    echo "prometheus               http://127.0.0.1:$PROM_PORT ready"
+  else
+    echo "prometheus               not ready"; rc=1
+  fi
+  if curl -fsS "http://127.0.0.1:$AM_PORT/-/ready" >/dev/null 2>&1; then
+    echo "alertmanager             http://127.0.0.1:$AM_PORT ready"
+  else
+    echo "alertmanager             not ready"; rc=1
+  fi
   return $rc
 }
 
@@ -310,5 +401,6 @@ case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  target) shift; cmd_target "$@" ;;
+  *) echo "usage: $0 up|down|status|target" >&2; exit 2 ;;
 esac
