@@ -23,8 +23,12 @@ class CoPDMetrics:
         self.symmetric_kl = Gauge("copd_symmetric_kl", "Symmetric KL between student and teacher next-token "
                                   "distributions (latest cycle).", ["namespace", "run", "student", "teacher"],
                                   registry=r)
-        self.branch_reward = Gauge("copd_branch_reward", "Mean verifiable reward of a branch in its latest stage.",
+        self.branch_reward = Gauge("copd_branch_reward", "Mean verifiable reward of a branch in its latest stage "
+                                   "(while a stage runs on a cluster: of the step its trainer reported last).",
                                    ["namespace", "run", "branch"], registry=r)
+        self.branch_step = Gauge("copd_branch_step", "Steps a branch has done in its current stage (on a cluster: "
+                                 "live from its trainer's progress reports, else at the stage's end).",
+                                 ["namespace", "run", "branch"], registry=r)
         self.run_cycle = Gauge("copd_run_cycle", "Current cycle of a run (1-based).", ["namespace", "run"],
                                registry=r)
         self.run_phase = Gauge("copd_run_phase", "1 for the run's current phase/stage, 0 otherwise.",
@@ -70,6 +74,13 @@ class CoPDMetrics:
     def set_reward(self, ns: str, run: str, branch: str, reward: float) -> None:
         self.branch_reward.labels(ns, run, branch).set(reward)
         self._remember(ns, run, self.branch_reward, (ns, run, branch))
+
+    def set_branch(self, ns: str, run: str, branch: str, status: dict) -> None:
+        """Mirror one Branch object's status (camelCase: step, reward; the trainer's progress folded in)."""
+        self.branch_step.labels(ns, run, branch).set(status.get("step", 0))
+        self._remember(ns, run, self.branch_step, (ns, run, branch))
+        if status.get("reward") is not None:
+            self.set_reward(ns, run, branch, status["reward"])
 
     def set_direction(self, ns: str, run: str, student: str, teacher: str, overlap: float, skl: float) -> None:
         lab = (ns, run, student, teacher)

@@ -7,7 +7,9 @@
 
 Pod entry points print one JSON report line on stdout and also write it to
 `--report-file` (the pod's terminationMessagePath), which is how the operator
-learns the outcome without reading volumes.
+learns the outcome without reading volumes. `copd stage --branch-object NAME`
+also reports each step live into that Branch's status.progress (progress_report.py;
+best effort, rate-limited; off when the pod has no API token).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Annotated
 import typer
 
 from copd_core.spec import SpecError, load_manifest, parse_manifest
+from copd_runtime.progress_report import SA_DIR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -178,9 +181,20 @@ def stage(
     hub_url: Annotated[str | None, typer.Option(help="Hub service URL (OPD).")] = None,
     checkpoint_every: Annotated[int, typer.Option()] = 0,
     report_file: ReportOpt = None,
+    branch_object: Annotated[str | None, typer.Option(
+        envvar="COPD_BRANCH_OBJECT",
+        help="The Branch object (in the pod's namespace) whose status.progress gets this stage's live "
+             "step, reward and OPD overlap.")] = None,
+    api_credentials: Annotated[Path, typer.Option(
+        envvar="COPD_API_CREDENTIALS",
+        help="Directory with the service-account token, ca.crt and namespace.")] = Path(SA_DIR),
+    progress_interval: Annotated[float, typer.Option(
+        envvar="COPD_PROGRESS_INTERVAL_S", min=0.0,
+        help="At most one live progress patch per this many seconds (plus the last step).")] = 5.0,
 ) -> None:
     """Run one RL or OPD stage of one branch (resuming from its newest checkpoint)."""
     from copd_core.cycle import Stage
+    from copd_runtime.progress_report import ProgressReporter
     from copd_runtime.recipes.stage import run_branch_stage
 
     m = _manifest(manifest)
@@ -198,11 +212,14 @@ def stage(
 
         hub = HttpHub(hub_url)
     metrics_file = storage / "metrics.jsonl"
+    live = ProgressReporter.from_pod(branch_object, api_credentials, interval_s=progress_interval)
 
     def sink(rec: dict) -> None:
         with open(metrics_file, "a") as f:
             f.write(json.dumps(rec) + "\n")
         print(json.dumps({k: v for k, v in rec.items() if not isinstance(v, list)}), file=sys.stderr, flush=True)
+        if live is not None:
+            live.update(rec)
 
     try:
         rep = run_branch_stage(m.spec, storage, branch, cycle, st, hub=hub, sink=sink, run_name=m.metadata.name,
@@ -211,6 +228,11 @@ def stage(
         _report({"branch": branch, "cycle": cycle, "stage": stage, "failed": True,
                  "message": f"{type(e).__name__}: {e}"[:1000]}, report_file)
         raise
+    finally:
+        if live is not None:
+            live.close()
+            print(json.dumps({"progress_reports": {"sent": live.sent, "failed": live.failed}}), file=sys.stderr,
+                  flush=True)
     _report({"branch": branch, **rep}, report_file)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import kopf
 
-from copd_operator.logic.naming import GROUP, LABEL_RUN, RUN_PLURAL, VERSION
+from copd_operator.logic.naming import BRANCH_PLURAL, GROUP, LABEL_RUN, RUN_PLURAL, VERSION
 from copd_operator.runtime import OperatorRuntime
 
 
@@ -54,4 +54,6 @@ def _child_event(labels: dict, namespace: str, memo: kopf.Memo, **_) -> None:
 
 
 kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})(_child_event)
+# Branches: a trainer's live status.progress is folded into the Branch's step at once (not at the next resync)
+kopf.on.event(GROUP, VERSION, BRANCH_PLURAL, labels={LABEL_RUN: kopf.PRESENT})(_child_event)
 kopf.on.event("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT})(_child_event)

@@ -6,6 +6,7 @@
       -> write status                 act.py         (one PUT, only when it changed)
       -> plan(...) : [ops]            plan.py        (pure)
       -> apply ops, then Events       act.py         (writes)
+      -> Branch step/reward gauges    (the Branch statuses written: trainers' live progress folded in)
 
 Everything starts from the CoPDRun's status and the children that exist, so any
 reconcile may be the first after an operator restart.
@@ -33,7 +34,7 @@ from copd_operator.io.act import apply_ops, create, write_run_status
 from copd_operator.io.gather import Apis, gather
 from copd_operator.logic.builders import OperatorConfig, RunRef, build_event
 from copd_operator.logic.observe import observe
-from copd_operator.logic.plan import Create, Op, plan
+from copd_operator.logic.plan import Create, Op, branch_statuses, plan
 
 log = logging.getLogger("copd_operator.reconcile")
 
@@ -93,6 +94,8 @@ class Reconciler:
         self._write(obj, old, new)
         ops = plan(run, self.cfg, new, actions, snap, now, gen)
         apply_ops(self.apis, namespace, [op for op in ops if not _is_event(op)])
+        for branch, st in branch_statuses(run, new, snap, gen).items():  # live step/reward, as the Branches show
+            self.metrics.set_branch(namespace, name, branch, st)
         self._events(run, actions, now)
         return AGAIN if needs_another_pass(ops) else DONE
 

@@ -3,7 +3,8 @@
     CoPDRun <run>
      ├─ PersistentVolumeClaim <run>-storage         (unless spec.storage.claimName)
      ├─ Branch <run>-<branch>                       (one per spec branch)
-     │    └─ Job <run>-<branch>-c<cycle>-<stage>    (trainer: `copd stage`, one per stage)
+     │    └─ Job <run>-<branch>-c<cycle>-<stage>    (trainer: `copd stage`, one per stage; patches the
+     │                                                Branch's status.progress while it runs)
      ├─ Pod + Service <run>-hub-c<cycle>            (during OPD only: `copd hub`)
      ├─ Job <run>-diagnose-c<cycle>                 (`copd diagnose`)
      └─ Job <run>-merge                             (`copd merge`)
@@ -13,6 +14,12 @@ naming.py (the gatherer lists by `copd.io/run`). Pods get the whole manifest in
 env COPD_MANIFEST (`--manifest env:COPD_MANIFEST`: no ConfigMap to keep in sync)
 and the run's storage mounted at spec.storage.path. Each entry point writes its
 one-line JSON report to /dev/termination-log, which is how results come back.
+
+Only stage pods get API credentials, and only for live progress: a projected
+service-account token (short-lived, rotated by the kubelet), the cluster CA and the
+namespace at the standard path, which the trainer uses to patch its own Branch's
+`status.progress` (the shipped Role `copd-trainer` allows `patch` on `branches/status`).
+Hub, diagnose and merge pods get no token.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from dataclasses import dataclass, field
 
 from copd_core.spec import CoPDRunSpec, ResourceSpec
 from copd_operator.logic.naming import (
+    API_TOKEN_EXPIRATION_S,
+    API_TOKEN_VOLUME,
     BRANCH_KIND,
     GROUP,
     HUB_PORT,
@@ -34,6 +43,7 @@ from copd_operator.logic.naming import (
     MANAGER,
     MANIFEST_ENV,
     RUN_KIND,
+    SA_DIR,
     STORAGE_VOLUME,
     TERMINATION_LOG,
     TRAINER_CONTAINER,
@@ -169,7 +179,8 @@ def _pod_spec(run: RunRef, cfg: OperatorConfig, container: dict, restart: str) -
     spec: dict = {
         "restartPolicy": restart,
         "serviceAccountName": cfg.trainer_service_account,
-        "automountServiceAccountToken": False,  # trainers report by termination message: no API access
+        # results travel in termination messages; only stage pods get a token (api_token_volume)
+        "automountServiceAccountToken": False,
         "containers": [container],
         "volumes": [{"name": STORAGE_VOLUME, "persistentVolumeClaim": {"claimName": claim_name(run)}}],
     }
@@ -203,19 +214,35 @@ def _job(run: RunRef, cfg: OperatorConfig, name: str, lab: dict, owner: dict, co
     }
 
 
+def api_token_volume() -> dict:
+    """What the kubelet would automount, for one pod only: a short-lived token of the pod's service
+    account (default audience: the apiserver), the cluster CA and the pod's namespace."""
+    return {"name": API_TOKEN_VOLUME, "projected": {"defaultMode": 0o644, "sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": API_TOKEN_EXPIRATION_S}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace",
+                                    "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+    ]}}
+
+
 def build_stage_job(run: RunRef, cfg: OperatorConfig, branch: str, branch_uid: str, cycle: int, stage: str,
                     hub_url: str | None = None) -> dict:
-    """The trainer of one (branch, cycle, stage): `copd stage`, resuming from the newest checkpoint."""
+    """The trainer of one (branch, cycle, stage): `copd stage`, resuming from the newest checkpoint,
+    reporting its progress live into its Branch's status (`--branch-object`, `--api-credentials`)."""
     args = ["stage", "--manifest", f"env:{MANIFEST_ENV}", "--storage", run.spec.storage.path,
             "--branch", branch, "--cycle", str(cycle), "--stage", stage,
-            "--checkpoint-every", str(cfg.checkpoint_every), "--report-file", TERMINATION_LOG]
+            "--checkpoint-every", str(cfg.checkpoint_every), "--report-file", TERMINATION_LOG,
+            "--branch-object", branch_cr_name(run.name, branch), "--api-credentials", SA_DIR]
     if hub_url:
         args += ["--hub-url", hub_url]
     lab = labels(run.name, "trainer", branch=branch, cycle=cycle, stage=stage)
     container = _container(run, cfg, args, _resources(run.spec.trainer.resources))
-    return _job(run, cfg, stage_job_name(run.name, branch, cycle, stage), lab,
-                owner_ref(BRANCH_KIND, branch_cr_name(run.name, branch), branch_uid), container,
-                suspend=run.spec.suspend)
+    container["volumeMounts"].append({"name": API_TOKEN_VOLUME, "mountPath": SA_DIR, "readOnly": True})
+    job = _job(run, cfg, stage_job_name(run.name, branch, cycle, stage), lab,
+               owner_ref(BRANCH_KIND, branch_cr_name(run.name, branch), branch_uid), container,
+               suspend=run.spec.suspend)
+    job["spec"]["template"]["spec"]["volumes"].append(api_token_volume())
+    return job
 
 
 def build_diagnose_job(run: RunRef, cfg: OperatorConfig, cycle: int) -> dict:

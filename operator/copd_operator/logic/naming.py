@@ -30,6 +30,9 @@ TRAINER_CONTAINER = "trainer"
 MANIFEST_ENV = "COPD_MANIFEST"
 TERMINATION_LOG = "/dev/termination-log"
 STORAGE_VOLUME = "storage"
+API_TOKEN_VOLUME = "kube-api-access"  # stage pods only: the trainer patches its Branch's status.progress
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+API_TOKEN_EXPIRATION_S = 3600  # the kubelet rotates a projected token at 80 % of its life
 HUB_PORT = 8000
 
 

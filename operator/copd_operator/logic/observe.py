@@ -3,8 +3,14 @@
 How results come back: every entry point (`copd stage|diagnose|merge`) writes a
 one-line JSON report to /dev/termination-log; the kubelet (or the process node)
 copies it into the pod's `containerStatuses[].state.terminated.message`. The
-operator reads it from the Job's pod: no trainer needs API credentials, and a
-report survives an operator restart for as long as the pod exists.
+operator reads it from the Job's pod: the decisions need no trainer API access,
+and a report survives an operator restart for as long as the pod exists.
+
+Live progress is extra, never decisive: a stage's trainer patches `status.progress`
+of its Branch while it runs (a projected token, a Role allowing `patch` on
+`branches/status`). `branch_cr_status` folds a progress of the branch's current
+(cycle, stage) into the Branch's `step` (the larger of it and the stage report's)
+and, until the stage reports, `reward`; the cycle decision only ever uses reports.
 
 A Job that succeeded with an empty or unparsable message (KWOK's fake pods,
 or a report lost with its pod) counts as "done, nothing measured": a stage is
@@ -17,6 +23,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import ValidationError
 
 from copd_core.cycle import (
     TERMINAL,
@@ -31,7 +39,7 @@ from copd_core.cycle import (
 )
 from copd_core.readiness import DirectionDiagnostic
 from copd_core.spec import CoPDRunSpec
-from copd_operator.api import BranchCRStatus
+from copd_operator.api import BranchCRStatus, BranchProgress
 from copd_operator.logic.builders import merged_path
 
 from . import naming
@@ -182,10 +190,29 @@ def observe(spec: CoPDRunSpec, status: RunStatus, snap: Snapshot) -> Observed:
     return Observed(branches=branches, diagnose=diag, merge=merge, invalid_spec=invalid_spec(snap))
 
 
+def live_progress(progress: dict | None, cycle: int, stage: str | None) -> BranchProgress | None:
+    """A trainer's `status.progress` when it is about (cycle, stage); None for another stage's or a malformed one."""
+    if not progress or not stage:
+        return None
+    try:
+        p = BranchProgress.model_validate(progress)
+    except ValidationError:
+        return None
+    return p if (p.cycle, p.stage) == (cycle, stage) else None
+
+
 def branch_cr_status(status: RunStatus, name: str, steps: int, outcome: JobOutcome | None, job: str | None,
-                     generation: int) -> dict[str, Any]:
-    """The Branch object's status: the run's view of the branch plus its trainer Job's state."""
+                     generation: int, progress: dict | None = None) -> dict[str, Any]:
+    """The Branch object's status: the run's view of the branch plus its trainer Job's state, with the
+    trainer's live `progress` (the Branch's own, as read) folded into step and reward. The result has no
+    `progress`: that key belongs to the trainer, and the writer (plan.py) leaves it as it is."""
     b = status.branches.get(name)
+    step, reward = (b.step, b.reward) if b else (0, None)
+    live = live_progress(progress, b.cycle, b.stage) if b else None
+    if live is not None:
+        step = max(step, min(live.step, steps) if steps else live.step)
+        if not b.done and live.reward is not None:
+            reward = live.reward  # the stage's mean replaces it when the stage reports
     if status.phase in TERMINAL:
         phase = status.phase.value
     elif status.phase == Phase.SUSPENDED:
@@ -197,8 +224,8 @@ def branch_cr_status(status: RunStatus, name: str, steps: int, outcome: JobOutco
     else:
         phase = PENDING
     out = BranchCRStatus(
-        phase=phase, cycle=b.cycle if b else 0, stage=b.stage if b else None, step=b.step if b else 0,
-        steps=steps, reward=b.reward if b else None, done=b.done if b else False,
+        phase=phase, cycle=b.cycle if b else 0, stage=b.stage if b else None, step=step,
+        steps=steps, reward=reward, done=b.done if b else False,
         message=(b.message if b else "") or (outcome.message if outcome and outcome.state == FAILED else ""),
         job=job, observed_generation=generation,
     )

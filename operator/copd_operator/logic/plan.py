@@ -7,7 +7,8 @@ operations. Creates of existing names are skipped here and tolerated (409) by ac
     children wanted                    when
     PVC <run>-storage                  no spec.storage.claimName, until the run ends
     Branch <run>-<b>  (spec, status)   created until the run ends, then kept in step; spec = (cycle, stage)
-                                       the run wants (a new Branch's status comes with the next reconcile)
+                                       the run wants (a new Branch's status comes with the next reconcile);
+                                       status.progress is the trainer's: merged, never replaced
     Job <run>-<b>-c<c>-<stage>         RunBranchStage, once its Branch exists (the Job's owner is the
                                        Branch's uid) and, for OPD, once the hub's address is known
     Pod/Service <run>-hub-c<c>         phase Running, stage OPD
@@ -80,13 +81,23 @@ class Delete:
 Op = Create | Patch | Delete
 
 
-def replacing(old: dict | None, new: dict) -> dict:
-    """A JSON merge patch that makes `old` equal `new` at the top level (absent keys -> null)."""
+# Keys of a Branch's status that its stage's trainer writes (copd_runtime/progress_report.py):
+# the operator's status patch neither compares nor nulls them.
+TRAINER_OWNED = frozenset({"progress"})
+
+
+def replacing(old: dict | None, new: dict, keep: frozenset[str] = frozenset()) -> dict:
+    """A JSON merge patch that makes `old` equal `new` at the top level (absent keys -> null),
+    except for the keys in `keep`, which it leaves as they are."""
     body = dict(new)
     for k in old or {}:
-        if k not in new:
+        if k not in new and k not in keep:
             body[k] = None
     return body
+
+
+def _operator_owned(status: dict | None) -> dict:
+    return {k: v for k, v in (status or {}).items() if k not in TRAINER_OWNED}
 
 
 def build_trainer_service_account(run: RunRef, cfg: OperatorConfig) -> dict:
@@ -102,6 +113,29 @@ def current_hub(status: RunStatus) -> int | None:
     if status.phase == Phase.RUNNING and status.stage == Stage.OPD:
         return status.cycle
     return None
+
+
+def _stage_now(status: RunStatus) -> str | None:
+    """The RL/OPD stage whose trainer Jobs should be running, if any."""
+    return status.stage.value if status.phase == Phase.RUNNING and status.stage in (Stage.RL, Stage.OPD) else None
+
+
+def branch_statuses(run: RunRef, status: RunStatus, snap: Snapshot, generation: int) -> dict[str, dict]:
+    """The status each existing Branch object should have, by branch: the run's view, its stage Job's
+    state and its trainer's live progress folded in (without `progress` itself, the trainer's key)."""
+    spec, name = run.spec, run.name
+    stage_now = _stage_now(status)
+    out = {}
+    for b in spec.branches:
+        cr = snap.branches.get(b.name)
+        if cr is None:
+            continue
+        job = stage_job_name(name, b.name, status.cycle, stage_now) if stage_now else None
+        outcome = job_outcome(snap.jobs.get(job), snap.pods_of_job(job)) if job else None
+        out[b.name] = branch_cr_status(status, b.name, steps_of(spec, Stage(stage_now)) if stage_now else 0,
+                                       outcome, job if job in snap.jobs else None, generation,
+                                       progress=(cr.get("status") or {}).get("progress"))
+    return out
 
 
 def _finished(job: dict) -> bool:
@@ -142,8 +176,8 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
             ops.append(Delete("Service", svc))
 
     # -- Branch objects --------------------------------------------------------------
-    stage_now = status.stage.value if status.phase == Phase.RUNNING and status.stage in (Stage.RL, Stage.OPD) \
-        else None
+    stage_now = _stage_now(status)
+    statuses = branch_statuses(run, status, snap, generation)
     for b in spec.branches:
         cr = snap.branches.get(b.name)
         branch = build_branch(run, b.name, status.cycle, stage_now, url if stage_now == "OPD" else None)
@@ -154,13 +188,9 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
         want = branch["spec"]
         if cr.get("spec") != want:
             ops.append(Patch("Branch", cr["metadata"]["name"], {"spec": replacing(cr.get("spec"), want)}))
-        job = stage_job_name(name, b.name, status.cycle, stage_now) if stage_now else None
-        outcome = job_outcome(snap.jobs.get(job), snap.pods_of_job(job)) if job else None
-        st = branch_cr_status(status, b.name, steps_of(spec, Stage(stage_now)) if stage_now else 0, outcome,
-                              job if job in snap.jobs else None, generation)
-        if cr.get("status") != st:
-            ops.append(Patch("Branch", cr["metadata"]["name"], {"status": replacing(cr.get("status"), st)},
-                             status=True))
+        st, old = statuses[b.name], _operator_owned(cr.get("status"))
+        if old != st:  # a merge patch: the trainer's progress stays as the trainer wrote it
+            ops.append(Patch("Branch", cr["metadata"]["name"], {"status": replacing(old, st)}, status=True))
 
     # -- work the decision asked for ---------------------------------------------------
     events = []
@@ -206,4 +236,5 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
     return ops + events
 
 
-__all__ = ["Create", "Patch", "Delete", "Op", "plan", "replacing", "branch_cr_name"]
+__all__ = ["Create", "Patch", "Delete", "Op", "plan", "replacing", "branch_statuses", "branch_cr_name",
+           "TRAINER_OWNED"]

@@ -36,8 +36,38 @@ def test_stage_job_carries_gpu_scheduling_and_the_manifest():
     env = {e["name"]: e["value"] for e in c["env"]}
     doc = json.loads(env["COPD_MANIFEST"])
     assert parse_manifest(doc).spec == run.spec  # the pod runs exactly the spec the operator decided on
-    assert c["volumeMounts"] == [{"name": "storage", "mountPath": "/copd"}]
+    assert c["volumeMounts"][0] == {"name": "storage", "mountPath": "/copd"}
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "demo-storage"
+
+
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def test_only_stage_pods_get_a_short_lived_token_and_name_their_branch():
+    run = run_ref()
+    job = builders.build_stage_job(run, CFG, "arith", "uid-arith", 2, "RL")
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert pod["automountServiceAccountToken"] is False  # no automount: this one explicit volume
+    assert {"name": "kube-api-access", "mountPath": SA_DIR, "readOnly": True} in c["volumeMounts"]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == "kube-api-access"]
+    sources = vol["projected"]["sources"]
+    token = sources[0]["serviceAccountToken"]
+    assert token["path"] == "token" and 600 <= token["expirationSeconds"] <= 3600 and "audience" not in token
+    assert sources[1]["configMap"] == {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    assert sources[2]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    args = c["args"]
+    assert args[args.index("--branch-object") + 1] == "demo-arith"  # the Branch that owns the Job
+    assert args[args.index("--api-credentials") + 1] == SA_DIR  # explicit: the process node rewrites it
+    assert job["metadata"]["ownerReferences"][0]["name"] == "demo-arith"
+    others = [builders.build_hub_pod(run, CFG, 1)["spec"],
+              builders.build_diagnose_job(run, CFG, 1)["spec"]["template"]["spec"],
+              builders.build_merge_job(run, CFG)["spec"]["template"]["spec"]]
+    for spec in others:
+        assert spec["automountServiceAccountToken"] is False
+        assert [v["name"] for v in spec["volumes"]] == ["storage"]
+        assert all(m["mountPath"] != SA_DIR for m in spec["containers"][0]["volumeMounts"])
+        assert "--branch-object" not in spec["containers"][0]["args"]
 
 
 def test_no_gpu_limit_when_zero_and_merge_never_asks_for_gpus():
