@@ -80,6 +80,9 @@ def test_trainer_service_account_and_role_match_operator_deploy(helm_bin):
         assert sa["automountServiceAccountToken"] is False
         (role,) = find(docs, "Role", "copd-trainer", ns)
         assert _rules(role["rules"]) == _rules(find(ref, "Role")[0]["rules"])
+        # the narrowest write: live progress patches a Branch's status subresource, nothing else
+        writes = {t for t in _rules(role["rules"]) if t[2] not in ("get", "list", "watch")}
+        assert writes == {("copd.io", "branches/status", "patch")}
         (rb,) = find(docs, "RoleBinding", "copd-trainer", ns)
         assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "copd-trainer", "namespace": ns}]
     # cluster-wide: only where asked (the operator creates a bare one elsewhere)
