@@ -147,6 +147,16 @@ class RLSpec(_Model):
     max_new_tokens: int = Field(16, ge=1, le=65_536, description="Response length limit.")
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature (also applied to log-probs).")
     mini_batches: int = Field(1, ge=1, le=1024, description="Optimizer updates per rollout batch.")
+    micro_batch_tokens: int | None = Field(
+        None, ge=1, le=2**31 - 1,
+        description="Most padded tokens (rows × sequence length, prompt included) in one forward/backward "
+        "pass of the update; a mini-batch is split into micro-batches whose gradients are accumulated into "
+        "one optimizer step, the same update as one pass. Default: a whole mini-batch per pass.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the transformer layers' activations in backward during the update "
+        "(less activation memory for about one more forward of compute).",
+    )
     truncation: TruncationRule = Field(
         TruncationRule.ZERO_REWARD,
         description="Responses that hit maxNewTokens without EOS: `zero-reward` scores them 0 and trains "

@@ -1,8 +1,10 @@
 """The hub: all teacher scoring goes through it.
 
 It holds frozen snapshots of the teacher branches (taken at the start of an OPD
-phase) and answers, per token of a student's rollout, the teacher's log-prob of
-the sampled token and its top-k ids and log-probs, in batches.
+phase) and answers, per response token of a student's rollout, the teacher's
+log-prob of the sampled token and its top-k ids and log-probs, in batches
+(`rollout.teacher_scores`: hidden states at response positions only, the LM head a
+few positions at a time; zeros elsewhere in the [N, L, ...] tensors it returns).
 
 - `InProcessHub`: used by `copd run` on one machine.
 - `serve(...)` / `HttpHub`: the same hub as an HTTP service (`copd hub serve`),

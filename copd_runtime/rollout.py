@@ -1,8 +1,15 @@
 """Sampling responses and scoring tokens, for text LMs and VLMs alike.
 
 A `Rollout` holds N sequences laid out as [left-padded prompt | response | right pad],
-the behaviour log-probs recorded while sampling, and the vision tensors (if any)
-that every forward pass over these sequences needs.
+the behaviour log-probs π_old, and the vision tensors (if any) that every forward
+pass over these sequences needs.
+
+Every log-prob of a response token (π_old, the student update, the hub's teacher
+scores, diagnose) goes through one path: the backbone's hidden states at the M
+positions that predict a response token, then the LM head over a few of them at a
+time (`maths.logprobs`). No [N, L, V] tensor is ever made, and π_old is the
+trainer's own forward, not `generate()`'s incremental logits: a teacher with the
+student's weights scores the same rows to exactly the same bits.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from copd_runtime.data.examples import Example
-from copd_runtime.maths.losses import token_logprobs_B_T
+from copd_runtime.maths.logprobs import LMHead, token_logprobs_M, topk_logprobs_M_K
 from copd_runtime.models.policy import Policy
 from copd_runtime.models.vlm import (
     encode_vlm_prompts,
@@ -93,37 +100,101 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def forward_logits(policy: Policy, input_ids, attention_mask, vision: dict | None = None) -> torch.Tensor:
-    """Logits [N, L, V]. Text models get explicit position ids (left padding).
-    VLMs compute their own multimodal (M-RoPE) positions from the ids, the attention
-    mask (pads on either side are skipped) and the grids, given the token types;
-    a VLM batch without media gets the text position ids. VLM logits of the vision
-    special tokens are masked (the policy never emits them)."""
+def _forward_kwargs(policy: Policy, input_ids, attention_mask, vision: dict | None) -> dict:
+    """Text models get explicit position ids (left padding). VLMs compute their own
+    multimodal (M-RoPE) positions from the ids, the attention mask (pads on either side
+    are skipped) and the grids, given the token types; a VLM batch without media gets
+    the text position ids."""
     kwargs = dict(vision or {})
-    if not policy.is_vlm:
-        kwargs["position_ids"] = _position_ids(attention_mask)
-        return policy.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
-    cfg = policy.model.config
-    if "image_grid_thw" in kwargs or "video_grid_thw" in kwargs:
-        kwargs["mm_token_type_ids"] = mm_token_type_ids(cfg, input_ids)
+    if policy.is_vlm and ("image_grid_thw" in kwargs or "video_grid_thw" in kwargs):
+        kwargs["mm_token_type_ids"] = mm_token_type_ids(policy.model.config, input_ids)
     else:
         kwargs["position_ids"] = _position_ids(attention_mask)
+    return kwargs
+
+
+def forward_logits(policy: Policy, input_ids, attention_mask, vision: dict | None = None) -> torch.Tensor:
+    """Full logits [N, L, V] (small models and tests only: training and scoring use
+    `response_logprobs` / `teacher_scores`). VLM logits of the vision special tokens
+    are masked (the policy never emits them)."""
+    kwargs = _forward_kwargs(policy, input_ids, attention_mask, vision)
     logits = policy.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
-    return mask_vision_logits(cfg, logits)
+    return mask_vision_logits(policy.model.config, logits) if policy.is_vlm else logits
 
 
-def sequence_logprobs(policy: Policy, r: Rollout, temperature: float) -> torch.Tensor:
-    """log π(token_j | tokens_<j) at every position j ≥ 1 (position 0 gets 0)."""
-    logits = forward_logits(policy, r.input_ids, r.attention_mask, r.vision)
-    lp = token_logprobs_B_T(logits[:, :-1], r.input_ids[:, 1:], temperature)
-    return torch.nn.functional.pad(lp, (1, 0))
+# Config fields of models whose logits are not `lm_head(last hidden state)`.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _backbone(model) -> torch.nn.Module:
+    """The model without its LM head (`model.model` for Qwen3ForCausalLM and
+    Qwen3VLForConditionalGeneration): it returns the last hidden state, after the final norm."""
+    inner = getattr(model, "model", None)
+    if not isinstance(inner, torch.nn.Module) or model.get_output_embeddings() is None:
+        raise ValueError(
+            f"{type(model).__name__}: expected a backbone at `.model` and an LM head at "
+            "`get_output_embeddings()` (the Hugging Face causal-LM / VLM layout)"
+        )
+    cfg = model.config.get_text_config()
+    for name in _LOGIT_TRANSFORMS:
+        if getattr(cfg, name, None) not in (None, 1, 1.0):
+            raise ValueError(f"{type(model).__name__}: logits are transformed ({name}), not lm_head(hidden)")
+    return inner
+
+
+def lm_head_of(policy: Policy) -> LMHead:
+    """The policy's output projection (tied to the input embeddings or not: it is the same
+    Parameter, so its gradient reaches both), with the VLM's vision special tokens masked."""
+    _backbone(policy.model)
+    out = policy.model.get_output_embeddings()
+    masked = tuple(vision_token_ids(policy.model.config).values()) if policy.is_vlm else ()
+    return LMHead(out.weight, getattr(out, "bias", None), masked)
+
+
+def forward_hidden(policy: Policy, input_ids, attention_mask, vision: dict | None = None) -> torch.Tensor:
+    """The last hidden state [N, L, H] (what the LM head would read)."""
+    kwargs = _forward_kwargs(policy, input_ids, attention_mask, vision)
+    out = _backbone(policy.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    return out.last_hidden_state
+
+
+def predicts_response_N_L(r: Rollout) -> torch.Tensor:
+    """[N, L-1] bool: position j-1 predicts response token j."""
+    return r.response_mask[:, 1:] > 0
+
+
+def response_hidden_M_H(policy: Policy, r: Rollout) -> torch.Tensor:
+    """Hidden states at the M positions that predict a response token, row-major."""
+    return forward_hidden(policy, r.input_ids, r.attention_mask, r.vision)[:, :-1][predicts_response_N_L(r)]
+
+
+def spread_N_L(values_M: torch.Tensor, r: Rollout) -> torch.Tensor:
+    """Put per-response-token values [M, ...] back at their token positions: [N, L, ...],
+    zero elsewhere (differentiable)."""
+    mask = predicts_response_N_L(r)
+    shape = mask.shape + values_M.shape[1:]
+    full = values_M.new_zeros(shape).masked_scatter(mask.view(mask.shape + (1,) * (values_M.dim() - 1)), values_M)
+    return torch.nn.functional.pad(full, (0, 0) * (values_M.dim() - 1) + (1, 0))
+
+
+def response_logprobs(policy: Policy, r: Rollout, temperature: float) -> torch.Tensor:
+    """log π(y_j | y_<j) of every response token [N, L], 0 elsewhere; differentiable.
+    The one code for π_old, the student update and the teacher's scores."""
+    hidden = response_hidden_M_H(policy, r)
+    targets = r.input_ids[:, 1:][predicts_response_N_L(r)]
+    return spread_N_L(token_logprobs_M(lm_head_of(policy), hidden, targets, temperature), r)
 
 
 @torch.no_grad()
 def sample(
-    policy: Policy, examples: list[Example], max_new_tokens: int, temperature: float, greedy: bool = False
+    policy: Policy, examples: list[Example], max_new_tokens: int, temperature: float, greedy: bool = False,
+    logprobs: bool = True,
 ) -> Rollout:
-    """Sample one response per example (repeat examples for a group). Uses the global torch RNG."""
+    """Sample one response per example (repeat examples for a group). Uses the global torch RNG.
+
+    With `logprobs`, π_old is `response_logprobs` on the whole batch (at temperature 1
+    when greedy); without, `old_logprobs` is zeros (evaluation, or a caller that scores
+    the rows itself, as OPD does per teacher)."""
     policy.model.eval()
     enc = encode_prompts(policy, examples)
     prompt_ids, prompt_mask = enc.pop("input_ids"), enc.pop("attention_mask")
@@ -142,11 +213,9 @@ def sample(
         max_new_tokens=max_new_tokens,
         eos_token_id=policy.eos_id,
         pad_token_id=policy.pad_id,
-        output_logits=True,
-        return_dict_in_generate=True,
     )
     P = prompt_ids.shape[1]
-    gen = out.sequences[:, P:]
+    gen = out[:, P:]
     N, R = gen.shape
     # response tokens: up to and including the first EOS
     is_eos = gen == policy.eos_id
@@ -154,35 +223,36 @@ def sample(
     resp_mask = (torch.arange(R).unsqueeze(0) <= first_eos.unsqueeze(1)).long()
     resp_mask &= (torch.arange(R).unsqueeze(0) < R).long()
     truncated = ~is_eos.any(1)
-    logits = torch.stack(out.logits, dim=1)  # [N, R, V], before temperature
-    if policy.is_vlm:
-        logits = mask_vision_logits(policy.model.config, logits)
-    beh = token_logprobs_B_T(logits, gen, 1.0 if greedy else temperature)
     input_ids = torch.cat([prompt_ids, gen], 1)
     attention_mask = torch.cat([prompt_mask, resp_mask], 1)
     response_mask = torch.cat([torch.zeros_like(prompt_mask), resp_mask], 1).float()
-    old = torch.cat([torch.zeros(N, P), beh * resp_mask], 1)
     texts = policy.tokenizer.batch_decode(gen * resp_mask + policy.pad_id * (1 - resp_mask),
                                           skip_special_tokens=True)
-    return Rollout(examples, input_ids, attention_mask, response_mask, old, truncated, texts, enc)
+    r = Rollout(examples, input_ids, attention_mask, response_mask, torch.zeros(response_mask.shape), truncated,
+                texts, enc)
+    if logprobs:
+        r.old_logprobs = response_logprobs(policy, r, 1.0 if greedy else temperature)
+    return r
 
 
 @torch.no_grad()
 def teacher_scores(policy: Policy, r: Rollout, temperature: float, k: int, query_ids: torch.Tensor | None = None):
-    """What the hub returns for one teacher: per token, the teacher's log-prob of the
-    sampled token, its top-k ids and log-probs, and (optionally) its log-probs at
-    `query_ids` [N, L, Q] (the student's own top-k, for the bucketed KL)."""
+    """What the hub returns for one teacher: per response token, the teacher's log-prob of
+    the sampled token (`response_logprobs`'s code), its top-k ids and log-probs, and
+    (optionally) its log-probs at `query_ids` [N, L, Q] (the student's own top-k, for the
+    bucketed KL); [N, L, ...], zero outside the response."""
     policy.model.eval()
-    logits = forward_logits(policy, r.input_ids, r.attention_mask, r.vision)[:, :-1].float()
-    logp = torch.log_softmax(logits / temperature, -1)
-    pad = torch.nn.functional.pad
-    sampled = pad(logp.gather(-1, r.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1), (1, 0))
-    top_lp, top_ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    head = lm_head_of(policy)
+    hidden = response_hidden_M_H(policy, r)
+    at = predicts_response_N_L(r)
+    sampled = token_logprobs_M(head, hidden, r.input_ids[:, 1:][at], temperature)
+    query = None if query_ids is None else query_ids[:, 1:][at]
+    top_ids, top_lp, query_lp = topk_logprobs_M_K(head, hidden, temperature, k, query)
     res = {
-        "sampled_logprobs": sampled * r.response_mask,
-        "topk_ids": pad(top_ids, (0, 0, 1, 0)),
-        "topk_logprobs": pad(top_lp, (0, 0, 1, 0)),
+        "sampled_logprobs": spread_N_L(sampled, r),
+        "topk_ids": spread_N_L(top_ids, r),
+        "topk_logprobs": spread_N_L(top_lp, r),
     }
-    if query_ids is not None:
-        res["query_logprobs"] = pad(logp, (0, 0, 1, 0)).gather(-1, query_ids)
+    if query_lp is not None:
+        res["query_logprobs"] = spread_N_L(query_lp, r)
     return res

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from copd_runtime.maths.logprobs import CHUNK_BYTES, LMHead, chunk_rows, head_logits_C_V
+
 
 def topk_overlap_B_T(student_topk_B_T_K: torch.Tensor, teacher_topk_B_T_K: torch.Tensor) -> torch.Tensor:
     """|TopK(student) ∩ TopK(teacher)| / k at every position (ids within a row are distinct)."""
@@ -45,6 +47,27 @@ def bucketed_symmetric_kl_B_T(
     head = ((p - q) * (lp - lq) * valid).sum(-1)
     tail = (p_tail - q_tail) * (p_tail.log() - q_tail.log())
     return head + tail
+
+
+@torch.no_grad()
+def alignment_M(
+    student: LMHead, student_hidden_M_H: torch.Tensor, teacher: LMHead, teacher_hidden_M_H: torch.Tensor,
+    temperature: float, k: int, rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k overlap and exact symmetric KL (full vocabulary) at M visited states,
+    given both models' hidden states there; a few rows at a time, never [M, V] at once."""
+    rows = rows or chunk_rows(student.vocab, CHUNK_BYTES // 2)  # two distributions per chunk
+    k = min(k, student.vocab)
+    overlap, skl = [], []
+    for s in range(0, student_hidden_M_H.shape[0], rows):
+        lp = torch.log_softmax(head_logits_C_V(student, student_hidden_M_H[s : s + rows], temperature), -1)
+        lq = torch.log_softmax(head_logits_C_V(teacher, teacher_hidden_M_H[s : s + rows], temperature), -1)
+        overlap.append(topk_overlap_B_T(lp.topk(k, -1).indices, lq.topk(k, -1).indices))
+        skl.append(symmetric_kl_B_T(lp, lq))
+        del lp, lq
+    if not overlap:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(overlap), torch.cat(skl)
 
 
 def masked_mean(values_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> float:

@@ -26,9 +26,6 @@ def group_advantages_P_G(rewards_P_G: torch.Tensor, eps: float = 1e-6) -> torch.
     return (rewards_P_G - mean) / (std + eps)
 
 
-OPD_GAP_TOLERANCE = 1e-5  # nats: float32 noise of two forward passes over the same weights
-
-
 def opd_advantages_B_T(
     teacher_logprobs_B_T: torch.Tensor,
     old_logprobs_B_T: torch.Tensor,
@@ -37,12 +34,11 @@ def opd_advantages_B_T(
 ) -> torch.Tensor:
     """A_t = β·(log π_T(y_t) − log π_old(y_t)), detached, zero outside the response.
 
-    Gaps below OPD_GAP_TOLERANCE are rounding noise (a teacher identical to the
-    student gives ~1e-7) and are zeroed: Adam would otherwise scale that noise up to
-    full-size steps and turn "nothing to learn" into a random walk.
+    No tolerance: π_old and the teacher's log-probs come from the same code
+    (`rollout.response_logprobs` on the same rows), so a teacher identical to the
+    student gives a gap of exactly 0, and any non-zero gap is a real difference.
     """
     gap = teacher_logprobs_B_T - old_logprobs_B_T
-    gap = torch.where(gap.abs() < OPD_GAP_TOLERANCE, torch.zeros_like(gap), gap)
     return (beta * gap * mask_B_T).detach()
 
 
@@ -53,15 +49,19 @@ def clipped_pg_loss(
     mask_B_T: torch.Tensor,
     eps_low: float,
     eps_high: float,
+    token_count: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """−token_mean( min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A) ), ρ = exp(logπ − logπ_old).
 
     Returns the scalar loss and a few statistics (clip fraction, mean ratio).
+    `token_count` is the mean's denominator, by default the mask's sum. A micro-batch
+    of a larger batch passes the whole batch's count: then the micro-batches' losses
+    (and statistics) add up to the whole batch's, and so do their gradients.
     """
     ratio = torch.exp(logprobs_B_T - old_logprobs_B_T)
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token = -torch.minimum(ratio * advantages_B_T, clipped * advantages_B_T)
-    n_tokens = mask_B_T.sum().clamp(min=1.0)
+    n_tokens = mask_B_T.sum().clamp(min=1.0) if token_count is None else token_count
     loss = (per_token * mask_B_T).sum() / n_tokens
     with torch.no_grad():
         was_clipped = ((ratio * advantages_B_T) > (clipped * advantages_B_T)).float()
@@ -73,6 +73,9 @@ def clipped_pg_loss(
 
 
 def token_logprobs_B_T(logits_B_T_V: torch.Tensor, targets_B_T: torch.Tensor, temperature: float = 1.0):
-    """log softmax(logits / temperature) gathered at the target ids."""
+    """log softmax(logits / temperature) gathered at the target ids.
+
+    The naive path over full-vocabulary logits: the reference that
+    `maths.logprobs.token_logprobs_M` (what the runtime uses) is tested against."""
     logp = torch.log_softmax(logits_B_T_V.float() / temperature, dim=-1)
     return logp.gather(-1, targets_B_T.unsqueeze(-1)).squeeze(-1)

@@ -6,6 +6,10 @@ teacher's domain, same seed every cycle) and both models' full next-token
 distributions are compared on those visited states: exact top-k overlap and
 exact symmetric KL, averaged over response tokens. The hub runs this (it holds
 every branch's weights); `copd run` runs it in-process.
+
+Memory stays bounded: both models' hidden states are taken at the response
+positions only and the full-vocabulary comparison runs a few positions at a time
+(`maths.diagnostics.alignment_M`); at most two policies are loaded at once.
 """
 
 from __future__ import annotations
@@ -19,38 +23,45 @@ from copd_core.readiness import DirectionDiagnostic
 from copd_core.seeding import step_seed
 from copd_core.spec import CoPDRunSpec
 from copd_runtime.data.examples import Dataset
-from copd_runtime.maths.diagnostics import masked_mean, symmetric_kl_B_T, topk_overlap_B_T
+from copd_runtime.maths.diagnostics import alignment_M
 from copd_runtime.models.policy import Policy, load_policy
-from copd_runtime.rollout import forward_logits, sample
+from copd_runtime.rollout import lm_head_of, response_hidden_M_H, sample
 
-
-@torch.no_grad()
-def _full_logprobs(policy: Policy, rollout, temperature: float) -> torch.Tensor:
-    logits = forward_logits(policy, rollout.input_ids, rollout.attention_mask, rollout.vision)[:, :-1]
-    return torch.nn.functional.pad(torch.log_softmax(logits.float() / temperature, -1), (0, 0, 1, 0))
+MAX_LOADED = 2  # policies held in memory at once by `diagnose` (a direction needs two)
 
 
 @torch.no_grad()
 def measure_direction(student: Policy, teacher: Policy, probe, k: int, max_new_tokens: int, temperature: float,
                       seed: int) -> tuple[float, float]:
     torch.manual_seed(seed)
-    rollout = sample(student, probe, max_new_tokens, temperature)
-    s = _full_logprobs(student, rollout, temperature)
-    t = _full_logprobs(teacher, rollout, temperature)
-    k = min(k, s.shape[-1])
-    overlap = topk_overlap_B_T(s.topk(k, -1).indices, t.topk(k, -1).indices)
-    skl = symmetric_kl_B_T(s, t)
-    return masked_mean(overlap, rollout.response_mask), masked_mean(skl, rollout.response_mask)
+    rollout = sample(student, probe, max_new_tokens, temperature, logprobs=False)
+    teacher.model.eval()
+    overlap, skl = alignment_M(lm_head_of(student), response_hidden_M_H(student, rollout),
+                               lm_head_of(teacher), response_hidden_M_H(teacher, rollout), temperature, k)
+    if overlap.numel() == 0:
+        return float("nan"), float("nan")
+    return float(overlap.mean()), float(skl.mean())
 
 
 def diagnose(spec: CoPDRunSpec, model_dirs: dict[str, Path], datasets: dict[str, Dataset], cycle: int
              ) -> list[DirectionDiagnostic]:
-    policies = {name: load_policy(d, spec.base_model.kind) for name, d in model_dirs.items()}
+    loaded: dict[str, Policy] = {}  # least recently used first
+
+    def policy(name: str) -> Policy:
+        if name in loaded:
+            loaded[name] = loaded.pop(name)
+        else:
+            while len(loaded) >= MAX_LOADED:
+                loaded.pop(next(iter(loaded)))
+            loaded[name] = load_policy(model_dirs[name], spec.base_model.kind)
+        return loaded[name]
+
     out = []
     for student, teacher in spec.directions():
         probe = datasets[teacher].eval[: spec.diagnostics.probe_prompts]
+        s = policy(student)
         ov, kl = measure_direction(
-            policies[student], policies[teacher], probe, spec.diagnostics.top_k, spec.rl.max_new_tokens,
+            s, policy(teacher), probe, spec.diagnostics.top_k, spec.rl.max_new_tokens,
             spec.rl.temperature, step_seed(spec.seed, "probe", student, teacher),
         )
         out.append(DirectionDiagnostic(cycle, student, teacher, ov, kl))

@@ -15,7 +15,7 @@ def accuracy(policy: Policy, dataset: Dataset, max_new_tokens: int, batch: int =
     hits = 0.0
     for i in range(0, len(dataset.eval), batch):
         chunk = dataset.eval[i : i + batch]
-        r = sample(policy, chunk, max_new_tokens, 1.0, greedy=True)
+        r = sample(policy, chunk, max_new_tokens, 1.0, greedy=True, logprobs=False)
         hits += sum(score(t, e.answer, dataset.reward) * (0.0 if tr else 1.0)
                     for t, e, tr in zip(r.responses, chunk, r.truncated.tolist()))
     return hits / max(1, len(dataset.eval))

@@ -10,6 +10,13 @@ within `maxNewTokens`) follow `rl.truncation`: `zero-reward` (default) scores
 them 0 and keeps them in the loss, so the policy learns to stop; `mask` drops
 them from the loss (their group still uses them for the mean/std).
 
+The update (`policy_update`, shared with OPD) takes `rl.miniBatches` optimizer steps
+per rollout batch; each mini-batch runs as micro-batches of at most
+`rl.microBatchTokens` padded tokens whose gradients are accumulated (each
+micro-batch's loss is divided by the whole mini-batch's token count), so memory is
+traded for time without changing the update. `rl.gradientCheckpointing`
+recomputes the layers' activations in backward.
+
 A response is scored by the dataset's verifier unless the caller passes
 `reward_fn(response, example)`, e.g. to score a batch that mixes domains, each
 example by its own domain's verifier (the comparison's mixed-RLVR baseline).
@@ -27,7 +34,7 @@ from copd_runtime.data.examples import Dataset, Example
 from copd_runtime.data.rewards import score
 from copd_runtime.maths.losses import clipped_pg_loss, group_advantages_P_G
 from copd_runtime.models.policy import Policy
-from copd_runtime.rollout import Rollout, sample, sequence_logprobs
+from copd_runtime.rollout import Rollout, response_logprobs, sample
 
 RewardFn = Callable[[str, Example], float]
 
@@ -41,37 +48,56 @@ def rewards_of(rollout: Rollout, dataset: Dataset, rule: TruncationRule, reward_
     return r
 
 
+def micro_batches(rows: list[int], seq_len: int, token_budget: int | None) -> list[list[int]]:
+    """Consecutive slices of `rows` with at most `token_budget` padded tokens each
+    (rows × seq_len; at least one row); all rows at once without a budget."""
+    per = len(rows) if token_budget is None else max(1, token_budget // seq_len)
+    return [rows[i : i + per] for i in range(0, len(rows), per)]
+
+
 def policy_update(
     policy: Policy, optimizer, rollout: Rollout, advantages_N_T: torch.Tensor, loss_mask_N_T: torch.Tensor,
     rl: RLSpec,
 ) -> dict[str, float]:
-    """The clipped update shared by RL and OPD, over `rl.miniBatches` slices of the batch."""
+    """The clipped update shared by RL and OPD: `rl.miniBatches` optimizer steps, each over
+    one slice of the batch, accumulated over micro-batches of `rl.microBatchTokens`."""
     stats = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 1.0, "skipped": 0.0}
     if not bool((advantages_N_T * loss_mask_N_T).abs().gt(0).any()):
         # No signal (uniform groups, or a teacher identical to the student): an optimizer
         # step on a zero gradient would still move the weights through Adam's momentum.
         stats["skipped"] = 1.0
         return stats
-    policy.model.train()
+    model = policy.model
+    checkpointing = rl.gradient_checkpointing and not model.is_gradient_checkpointing
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
     n = len(rollout)
     order = list(range(n))
     chunks = [order[i :: rl.mini_batches] for i in range(rl.mini_batches) if order[i :: rl.mini_batches]]
     stats["ratio_mean"] = 0.0
-    for rows in chunks:
-        sub = rollout.select(rows)
-        idx = torch.tensor(rows)
-        logprobs = sequence_logprobs(policy, sub, rl.temperature)
-        loss, s = clipped_pg_loss(
-            logprobs, sub.old_logprobs, advantages_N_T[idx], loss_mask_N_T[idx], rl.clip_eps_low, rl.clip_eps_high
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
-        optimizer.step()
-        stats["loss"] += loss.item() / len(chunks)
-        stats["clip_frac"] += s["clip_frac"] / len(chunks)
-        stats["ratio_mean"] += s["ratio_mean"] / len(chunks)
-    policy.model.eval()
+    try:
+        for rows in chunks:
+            n_tokens = loss_mask_N_T[torch.tensor(rows)].sum().clamp(min=1.0)
+            optimizer.zero_grad(set_to_none=True)
+            for micro in micro_batches(rows, rollout.input_ids.shape[1], rl.micro_batch_tokens):
+                sub = rollout.select(micro)
+                idx = torch.tensor(micro)
+                logprobs = response_logprobs(policy, sub, rl.temperature)
+                loss, s = clipped_pg_loss(
+                    logprobs, sub.old_logprobs, advantages_N_T[idx], loss_mask_N_T[idx], rl.clip_eps_low,
+                    rl.clip_eps_high, token_count=n_tokens,
+                )
+                loss.backward()
+                stats["loss"] += loss.item() / len(chunks)
+                stats["clip_frac"] += s["clip_frac"] / len(chunks)
+                stats["ratio_mean"] += s["ratio_mean"] / len(chunks)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+    finally:
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+        model.eval()
     return stats
 
 

@@ -10,6 +10,12 @@ goes into the same clipped update as RL. Which peers teach whom is the topology
 (`CoPDRunSpec.teachers_of`). Alongside, on the same visited states, we record the
 top-k overlap with each teacher and the symmetric KL on the union of both top-k
 sets plus a tail bucket (the hub returns top-k, not the whole vocabulary).
+
+π_old is computed here, per teacher, on exactly the rows sent to that teacher and
+by the same code the hub runs (`rollout.response_logprobs`): a teacher whose weights
+equal the student's gives a gap of exactly 0, and no update. The student's hidden
+states at the response positions are kept (small: [M, H]) for its top-k and its
+log-probs at the teacher's top-k; no [N, L, V] tensor is made.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ from copd_core.spec import DiagnosticsSpec, OPDSpec, RLSpec
 from copd_runtime.data.examples import Dataset, Example
 from copd_runtime.data.rewards import score
 from copd_runtime.maths.diagnostics import bucketed_symmetric_kl_B_T, masked_mean, topk_overlap_B_T
+from copd_runtime.maths.logprobs import token_logprobs_M, topk_logprobs_M_K
 from copd_runtime.maths.losses import opd_advantages_B_T
 from copd_runtime.models.policy import Policy
 from copd_runtime.recipes.grpo import policy_update
-from copd_runtime.rollout import forward_logits, sample
+from copd_runtime.rollout import lm_head_of, predicts_response_N_L, response_hidden_M_H, sample, spread_N_L
 
 
 def opd_step(
@@ -47,15 +54,10 @@ def opd_step(
         prompts.append((t, rng.choice(peer_data[t].train)))
     rows = [(t, ex) for t, ex in prompts for _ in range(opd.samples_per_prompt)]
 
-    rollout = sample(policy, [ex for _, ex in rows], rl.max_new_tokens, rl.temperature)
+    rollout = sample(policy, [ex for _, ex in rows], rl.max_new_tokens, rl.temperature, logprobs=False)
     mask = rollout.response_mask
-
-    # The student's own top-k on the states it visits (for overlap / KL only).
-    with torch.no_grad():
-        logits = forward_logits(policy, rollout.input_ids, rollout.attention_mask, rollout.vision)[:, :-1]
-        student_logp = torch.nn.functional.pad(torch.log_softmax(logits.float() / rl.temperature, -1), (0, 0, 1, 0))
-    k = min(diag.top_k, student_logp.shape[-1])
-    student_topk_ids = student_logp.topk(k, -1).indices
+    head = lm_head_of(policy)
+    k = min(diag.top_k, head.vocab)
 
     teacher_lp = torch.zeros_like(rollout.old_logprobs)
     out: dict[str, float] = {}
@@ -63,19 +65,26 @@ def opd_step(
         idx = [i for i, (tt, _) in enumerate(rows) if tt == t]
         sub = rollout.select(idx)
         it = torch.tensor(idx)
-        scores = hub.score(t, sub, k=k, query_ids=student_topk_ids[it])
+        at = predicts_response_N_L(sub)
+        with torch.no_grad():  # the student on these rows: π_old and its own top-k
+            hidden = response_hidden_M_H(policy, sub)
+            rollout.old_logprobs[it] = spread_N_L(
+                token_logprobs_M(head, hidden, sub.input_ids[:, 1:][at], rl.temperature), sub)
+            s_top, s_top_lp, _ = topk_logprobs_M_K(head, hidden, rl.temperature, k)
+        scores = hub.score(t, sub, k=k, query_ids=spread_N_L(s_top, sub))
         teacher_lp[it] = scores["sampled_logprobs"]
 
-        # diagnostics on the visited states
-        s_top = student_topk_ids[it]
-        overlap = topk_overlap_B_T(s_top, scores["topk_ids"])
-        support = torch.cat([scores["topk_ids"], s_top], -1)
-        slp = student_logp[it].gather(-1, support)
-        tlp = torch.cat([scores["topk_logprobs"], scores["query_logprobs"]], -1)
-        valid = _first_occurrence(support)
-        skl = bucketed_symmetric_kl_B_T(slp, tlp, valid)
-        out[f"topk_overlap/{t}"] = masked_mean(overlap, mask[it])
-        out[f"symmetric_kl/{t}"] = masked_mean(skl, mask[it])
+        # diagnostics on the visited states ([M, ...]: response positions only)
+        t_top = scores["topk_ids"][:, 1:][at]
+        _, _, s_at_t_top = topk_logprobs_M_K(head, hidden, rl.temperature, 0, query_ids_M_Q=t_top)
+        overlap = topk_overlap_B_T(s_top, t_top)
+        support = torch.cat([t_top, s_top], -1)
+        slp = torch.cat([s_at_t_top, s_top_lp], -1)
+        tlp = torch.cat([scores["topk_logprobs"][:, 1:][at], scores["query_logprobs"][:, 1:][at]], -1)
+        skl = bucketed_symmetric_kl_B_T(slp, tlp, _first_occurrence(support))
+        ones = torch.ones(overlap.shape)
+        out[f"topk_overlap/{t}"] = masked_mean(overlap, ones)
+        out[f"symmetric_kl/{t}"] = masked_mean(skl, ones)
         out[f"peer_reward/{t}"] = sum(
             score(r, ex.answer, peer_data[t].reward) for r, ex in zip(sub.responses, sub.examples)
         ) / len(idx)

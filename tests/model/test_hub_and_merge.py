@@ -15,7 +15,7 @@ from copd_runtime.hub import HttpHub, InProcessHub, make_server
 from copd_runtime.models.policy import load_policy
 from copd_runtime.recipes.merge import linear_merge, merge_dirs, task_arithmetic_merge
 from copd_runtime.recipes.opd import opd_step
-from copd_runtime.rollout import sample, sequence_logprobs
+from copd_runtime.rollout import sample, response_logprobs
 
 
 def test_behaviour_logprobs_equal_recomputed_logprobs(tiny_dirs):
@@ -23,7 +23,7 @@ def test_behaviour_logprobs_equal_recomputed_logprobs(tiny_dirs):
     torch.manual_seed(0)
     ex = text_examples("arith", 6, 0) + text_examples("reverse", 6, 0)  # different prompt lengths
     r = sample(pol, ex, 8, temperature=0.7)
-    lp = sequence_logprobs(pol, r, 0.7)
+    lp = response_logprobs(pol, r, 0.7)
     assert r.response_mask.sum() > 0
     assert torch.allclose(lp * r.response_mask, r.old_logprobs, atol=1e-4)
 

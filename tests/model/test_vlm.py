@@ -16,7 +16,7 @@ from copd_runtime.models.policy import Policy, load_policy, save_policy
 from copd_runtime.models.vlm import mm_token_type_ids, vision_token_ids
 from copd_runtime.recipes.grpo import grpo_step
 from copd_runtime.recipes.opd import opd_step
-from copd_runtime.rollout import encode_prompts, forward_logits, sample, sequence_logprobs, teacher_scores
+from copd_runtime.rollout import encode_prompts, forward_logits, sample, response_logprobs, teacher_scores
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -110,7 +110,7 @@ def test_behaviour_logprobs_match_recomputation_on_images_and_video(policy, data
     specials = torch.tensor(list(vision_token_ids(policy.model.config).values()))
     assert not torch.isin(r.input_ids[m], specials).any()
     with torch.no_grad():
-        lp = sequence_logprobs(policy, r, 1.0)
+        lp = response_logprobs(policy, r, 1.0)
     assert (lp - r.old_logprobs)[m].abs().max().item() < 1e-4
     assert (r.old_logprobs[m] < 0).all()
 
@@ -121,7 +121,7 @@ def test_behaviour_logprobs_match_recomputation_on_images_and_video(policy, data
     assert sub.vision["pixel_values_videos"].shape[0] == int(sub.vision["video_grid_thw"].prod(-1).sum())
     assert sub.vision["image_grid_thw"].shape[0] == sum(len(e.images) for e in sub.examples)
     with torch.no_grad():
-        lp_sub = sequence_logprobs(policy, sub, 1.0)
+        lp_sub = response_logprobs(policy, sub, 1.0)
     assert (lp_sub - lp[rows])[sub.response_mask.bool()].abs().max().item() < 1e-4
 
     # a text-only batch (no grids: 1-D positions) and a batch mixing text, image and video rows
@@ -129,7 +129,7 @@ def test_behaviour_logprobs_match_recomputation_on_images_and_video(policy, data
     for batch in (text, text[:2] + _mixed(datasets, 1)):
         rt = sample(policy, batch, max_new_tokens=6, temperature=1.0)
         with torch.no_grad():
-            lpt = sequence_logprobs(policy, rt, 1.0)
+            lpt = response_logprobs(policy, rt, 1.0)
         assert (lpt - rt.old_logprobs)[rt.response_mask.bool()].abs().max().item() < 1e-4
 
     # the check can fail: plain 1-D positions (no M-RoPE index) give other log-probs

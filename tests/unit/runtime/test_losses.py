@@ -83,10 +83,29 @@ def test_token_logprobs_with_temperature():
     assert math.isclose(got.item(), ref, rel_tol=1e-6)
 
 
-def test_opd_rounding_noise_is_not_a_signal():
-    # a teacher identical to the student differs only by float noise (~1e-7): no advantage
+def test_opd_advantage_has_no_tolerance():
+    # π_old and the teacher come from the same code: identical weights give a gap of exactly
+    # 0 (tests/model), so every non-zero gap, however small, is a real difference
     old = torch.tensor([[-1.0, -2.0]])
-    a = opd_advantages_B_T(old + 1e-7, old, beta=1.0, mask_B_T=torch.ones(1, 2))
-    assert torch.all(a == 0)
-    a = opd_advantages_B_T(old + 1e-3, old, beta=1.0, mask_B_T=torch.ones(1, 2))
-    assert torch.allclose(a, torch.full((1, 2), 1e-3), atol=1e-6)
+    assert torch.all(opd_advantages_B_T(old.clone(), old, beta=1.0, mask_B_T=torch.ones(1, 2)) == 0)
+    a = opd_advantages_B_T(old + 1e-6, old, beta=1.0, mask_B_T=torch.ones(1, 2))
+    assert torch.all(a != 0)
+
+
+def test_clipped_loss_of_micro_batches_adds_up_to_the_full_batch():
+    g = torch.Generator().manual_seed(4)
+    lp = (torch.randn(6, 5, generator=g) * 0.3 - 1).requires_grad_()
+    old = torch.randn(6, 5, generator=g) * 0.3 - 1
+    adv = torch.randn(6, 5, generator=g)
+    mask = (torch.rand(6, 5, generator=g) > 0.3).float()
+    full, full_stats = clipped_pg_loss(lp, old, adv, mask, 0.2, 0.28)
+    (full_grad,) = torch.autograd.grad(full, lp)
+    n = mask.sum()
+    parts = [clipped_pg_loss(lp[r], old[r], adv[r], mask[r], 0.2, 0.28, token_count=n) for r in (slice(0, 2),
+                                                                                               slice(2, 6))]
+    total = sum(p[0] for p in parts)
+    (grad,) = torch.autograd.grad(total, lp)
+    assert math.isclose(total.item(), full.item(), rel_tol=1e-6)
+    assert torch.allclose(grad, full_grad, atol=1e-7)
+    for key in ("clip_frac", "ratio_mean"):
+        assert math.isclose(sum(p[1][key] for p in parts), full_stats[key], rel_tol=1e-6)
