@@ -59,7 +59,8 @@ class Rollout:
 
 def select_vision(vision: dict[str, torch.Tensor], examples: list[Example], rows: list[int]):
     """Pick the vision tensors of some rows. Patches are packed row after row, so
-    each row's share of `pixel_values*` is prod(grid_thw) per image/video."""
+    each row's share of `pixel_values*` is prod(grid_thw) per image/video. A kind of
+    media none of the rows has is left out (an empty grid breaks the vision tower)."""
     if not vision:
         return {}
     out = {}
@@ -82,8 +83,9 @@ def select_vision(vision: dict[str, torch.Tensor], examples: list[Example], rows
             items.extend(range(item_start[r], item_start[r] + c))
             n = sum(per_item[item_start[r] : item_start[r] + c])
             patches.extend(range(patch_start[r], patch_start[r] + n))
-        out[grid] = g[torch.tensor(items, dtype=torch.long)]
-        out[pix] = vision[pix][torch.tensor(patches, dtype=torch.long)]
+        if items:  # rows without any image (video) carry no image (video) tensors at all
+            out[grid] = g[torch.tensor(items, dtype=torch.long)]
+            out[pix] = vision[pix][torch.tensor(patches, dtype=torch.long)]
     return out
 
 

@@ -68,9 +68,9 @@ def policy_update(
         stats["skipped"] = 1.0
         return stats
     model = policy.model
-    checkpointing = rl.gradient_checkpointing and not model.is_gradient_checkpointing
+    checkpointing = rl.gradient_checkpointing and not model.is_activation_checkpointing
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     n = len(rollout)
     order = list(range(n))
@@ -96,7 +96,7 @@ def policy_update(
             optimizer.step()
     finally:
         if checkpointing:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         model.eval()
     return stats
 

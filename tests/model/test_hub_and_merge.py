@@ -15,17 +15,22 @@ from copd_runtime.hub import HttpHub, InProcessHub, make_server
 from copd_runtime.models.policy import load_policy
 from copd_runtime.recipes.merge import linear_merge, merge_dirs, task_arithmetic_merge
 from copd_runtime.recipes.opd import opd_step
-from copd_runtime.rollout import sample, response_logprobs
+from copd_runtime.rollout import response_logprobs, sample
+from tests.model.helpers import SamplerLogits
 
 
-def test_behaviour_logprobs_equal_recomputed_logprobs(tiny_dirs):
+def test_behaviour_logprobs_equal_the_samplers_own(tiny_dirs):
+    """π_old is the trainer's forward: it must be the distribution generate() sampled from."""
     pol = load_policy(tiny_dirs["a"])
     torch.manual_seed(0)
     ex = text_examples("arith", 6, 0) + text_examples("reverse", 6, 0)  # different prompt lengths
-    r = sample(pol, ex, 8, temperature=0.7)
-    lp = response_logprobs(pol, r, 0.7)
+    with SamplerLogits(pol) as sampler:
+        r = sample(pol, ex, 8, temperature=0.7)
     assert r.response_mask.sum() > 0
-    assert torch.allclose(lp * r.response_mask, r.old_logprobs, atol=1e-4)
+    assert torch.allclose(r.old_logprobs, sampler.behaviour_logprobs(r, 0.7), atol=1e-4)
+    assert torch.all(r.old_logprobs[r.response_mask == 0] == 0)
+    with torch.no_grad():
+        assert torch.equal(response_logprobs(pol, r, 0.7), r.old_logprobs)  # deterministic
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from copd_runtime.models.policy import Policy, load_policy, save_policy
 from copd_runtime.models.vlm import mm_token_type_ids, vision_token_ids
 from copd_runtime.recipes.grpo import grpo_step
 from copd_runtime.recipes.opd import opd_step
-from copd_runtime.rollout import encode_prompts, forward_logits, sample, response_logprobs, teacher_scores
+from copd_runtime.rollout import encode_prompts, forward_logits, response_logprobs, sample, teacher_scores
+from tests.model.helpers import SamplerLogits
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,7 +102,8 @@ def test_prompt_encoding_left_pads_and_packs_vision(policy, datasets):
 def test_behaviour_logprobs_match_recomputation_on_images_and_video(policy, datasets):
     torch.manual_seed(0)
     ex = [e for e in _mixed(datasets, 4) for _ in range(2)]
-    r = sample(policy, ex, max_new_tokens=8, temperature=1.0)
+    with SamplerLogits(policy) as sampler:
+        r = sample(policy, ex, max_new_tokens=8, temperature=1.0)
     m = r.response_mask.bool()
     # the batch exercises left-padded prompts AND right-padded (finished) responses
     assert (~r.truncated).any()
@@ -111,7 +113,9 @@ def test_behaviour_logprobs_match_recomputation_on_images_and_video(policy, data
     assert not torch.isin(r.input_ids[m], specials).any()
     with torch.no_grad():
         lp = response_logprobs(policy, r, 1.0)
-    assert (lp - r.old_logprobs)[m].abs().max().item() < 1e-4
+    assert torch.equal(lp, r.old_logprobs)
+    # π_old (the trainer's forward) is the distribution generate() sampled from
+    assert (sampler.behaviour_logprobs(r, 1.0) - r.old_logprobs)[m].abs().max().item() < 1e-4
     assert (r.old_logprobs[m] < 0).all()
 
     # a mini-batch split (mixed image/video rows) gives the same per-row log-probs
@@ -120,6 +124,7 @@ def test_behaviour_logprobs_match_recomputation_on_images_and_video(policy, data
     assert sub.vision["pixel_values"].shape[0] == int(sub.vision["image_grid_thw"].prod(-1).sum())
     assert sub.vision["pixel_values_videos"].shape[0] == int(sub.vision["video_grid_thw"].prod(-1).sum())
     assert sub.vision["image_grid_thw"].shape[0] == sum(len(e.images) for e in sub.examples)
+    assert set(r.select([0, 2]).vision) == {"pixel_values", "image_grid_thw"}  # no empty video tensors
     with torch.no_grad():
         lp_sub = response_logprobs(policy, sub, 1.0)
     assert (lp_sub - lp[rows])[sub.response_mask.bool()].abs().max().item() < 1e-4
@@ -127,10 +132,9 @@ def test_behaviour_logprobs_match_recomputation_on_images_and_video(policy, data
     # a text-only batch (no grids: 1-D positions) and a batch mixing text, image and video rows
     text = text_examples("arith", 4, 0)
     for batch in (text, text[:2] + _mixed(datasets, 1)):
-        rt = sample(policy, batch, max_new_tokens=6, temperature=1.0)
-        with torch.no_grad():
-            lpt = response_logprobs(policy, rt, 1.0)
-        assert (lpt - rt.old_logprobs)[rt.response_mask.bool()].abs().max().item() < 1e-4
+        with SamplerLogits(policy) as sampler:
+            rt = sample(policy, batch, max_new_tokens=6, temperature=1.0)
+        assert (sampler.behaviour_logprobs(rt, 1.0) - rt.old_logprobs)[rt.response_mask.bool()].abs().max() < 1e-4
 
     # the check can fail: plain 1-D positions (no M-RoPE index) give other log-probs
     with torch.no_grad():
@@ -141,10 +145,11 @@ def test_behaviour_logprobs_match_recomputation_on_images_and_video(policy, data
     assert (torch.nn.functional.pad(wrong_lp, (1, 0)) - lp)[m].abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("domain", ["color", "motion"])
-def test_grpo_step_with_minibatches(policy, datasets, domain):
+@pytest.mark.parametrize("domain, micro", [("color", {}), ("motion", {}),
+                                           ("color", {"micro_batch_tokens": 64, "gradient_checkpointing": True})])
+def test_grpo_step_with_minibatches(policy, datasets, domain, micro):
     torch.manual_seed(1)
-    rl = RLSpec(group_size=8, batch_size=4, mini_batches=2, max_new_tokens=8, learning_rate=1e-3)
+    rl = RLSpec(group_size=8, batch_size=4, mini_batches=2, max_new_tokens=8, learning_rate=1e-3, **micro)
     opt = torch.optim.AdamW(policy.model.parameters(), lr=rl.learning_rate, weight_decay=0.0)
     before = _params(policy)
     stats = grpo_step(policy, opt, datasets[domain], rl, random.Random(0))
@@ -172,6 +177,21 @@ def test_opd_step_with_hub_teacher_on_video(policy, datasets, storage):
     assert stats["advantage_mean"] != 0.0
     assert hub.requests == 1 and hub.tokens == stats["tokens"] > 0
     assert _changed(before, policy)
+
+
+def test_opd_from_an_identical_vlm_teacher_gives_exactly_zero_advantage(policy, datasets, base_dir):
+    """The teacher holds the student's weights: π_old and the teacher's scores come from
+    the same code on the same rows, so every gap is exactly 0 (no tolerance) and no step is taken."""
+    hub = InProcessHub({"color": base_dir, "motion": base_dir}, temperature=1.0)
+    rl = RLSpec(group_size=2, batch_size=4, max_new_tokens=6, learning_rate=1e-3)
+    opt = torch.optim.AdamW(policy.model.parameters(), lr=rl.learning_rate, weight_decay=0.0)
+    before = _params(policy)
+    torch.manual_seed(4)
+    stats = opd_step(policy, opt, datasets, hub, 1.0, rl, OPDSpec(samples_per_prompt=2), DiagnosticsSpec(top_k=8),
+                     random.Random(0))
+    assert stats["tokens"] > 0 and stats["advantage_mean"] == 0.0 and stats["skipped"] == 1.0
+    assert stats["topk_overlap/color"] == 1.0 and stats["symmetric_kl/motion"] == 0.0
+    assert not _changed(before, policy)
 
 
 def test_wire_format_round_trips_a_vlm_rollout(policy, datasets):
