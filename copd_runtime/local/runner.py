@@ -105,6 +105,9 @@ class LocalRun:
     def _sink(self, record: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.metrics:  # the same live series the operator exports from trainers' progress
+            self.metrics.set_branch(self.namespace, self.name, record["branch"],
+                                    {"step": record["step"], "reward": record.get("reward_mean")})
         if self.on_step:
             self.on_step(record)
 

@@ -159,4 +159,5 @@ def test_copd_run_serves_prometheus_metrics_while_running(tmp_path):
     assert 'copd_run_phase{namespace="local",phase="OPD",run="demo"} 1.0' in seen
     assert 'copd_run_cycle{namespace="local",run="demo"} 1.0' in seen
     assert 'copd_branch_reward{branch="arith",namespace="local",run="demo"}' in seen
+    assert 'copd_branch_step{branch="arith",namespace="local",run="demo"}' in seen  # live, as on a cluster
     assert p.returncode == 0
