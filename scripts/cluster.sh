@@ -261,7 +261,7 @@ cmd_target() {
       [[ -n "$addr" ]] || die "usage: $0 target add $job $name HOST:PORT"
       mkdir -p "$PROM/targets/$job"
       printf '[{"targets": ["%s"]}]\n' "$addr" > "$f.tmp" && mv "$f.tmp" "$f"
-      log "Prometheus scrapes $addr (job $job) within seconds: $f" ;;
+      log "Prometheus scrapes $addr within seconds ($f)" ;;
     rm) rm -f "$f" ;;
     *) die "usage: $0 target add|rm operator|copd-run NAME [HOST:PORT]" ;;
   esac
