@@ -16,6 +16,9 @@ COND_PROGRESSING = "Progressing"
 COND_MERGE_READY = "MergeReady"
 COND_SUCCEEDED = "Succeeded"
 COND_FAILED = "Failed"
+COND_BLOCKED = "Blocked"  # the run waits on something outside it (a claim, a PriorityClass); continues once there
+COND_SPEC_WARNING = "SpecWarning"  # the spec has fields this operator does not know (a newer CRD): ignored
+COND_RECONCILE_ERROR = "ReconcileError"  # the last reconcile raised (quota, a rejected create, ...): retried
 
 # Reasons
 R_CREATED = "Created"
@@ -33,6 +36,17 @@ R_MERGE_FAILED = "MergeFailed"
 R_MERGED = "Merged"
 R_INVALID_SPEC = "InvalidSpec"
 R_INVALID_INPUT = "InvalidInput"  # a file the spec names is missing or malformed (found by the trainer)
+R_BRANCH_RESTARTED = "BranchRestarted"  # a failed stage attempt replaced by a new one (spec.failurePolicy)
+R_CLAIM_NOT_FOUND = "ClaimNotFound"
+R_PRIORITY_CLASS_NOT_FOUND = "PriorityClassNotFound"
+R_UNBLOCKED = "Unblocked"
+R_UNKNOWN_FIELDS = "UnknownFields"
+R_NO_UNKNOWN_FIELDS = "NoUnknownFields"
+R_QUOTA_EXCEEDED = "QuotaExceeded"  # a create refused with 403 by a ResourceQuota
+R_CREATE_REJECTED = "CreateRejected"  # a create refused as invalid (422) or forbidden (403)
+R_API_ERROR = "ApiError"  # any other API error
+R_INTERNAL_ERROR = "InternalError"  # an exception inside the operator
+R_RECONCILED = "Reconciled"  # the error cleared
 
 
 class _Status(BaseModel):
@@ -69,3 +83,7 @@ def set_condition(
         out.append(Condition(type=type_, status=status, reason=reason, message=message,
                              last_transition_time=iso(now), observed_generation=gen))
     return out
+
+
+def condition(conds: list[Condition], type_: str) -> Condition | None:
+    return next((c for c in conds if c.type == type_), None)

@@ -25,31 +25,38 @@ conditions, events, metrics labels and docs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from copd_core.conditions import (
+    COND_BLOCKED,
     COND_FAILED,
     COND_MERGE_READY,
     COND_PROGRESSING,
     COND_READY,
+    COND_SPEC_WARNING,
     COND_SUCCEEDED,
     R_BRANCH_FAILED,
+    R_BRANCH_RESTARTED,
     R_DIAGNOSE_FAILED,
     R_INVALID_SPEC,
     R_MERGE_FAILED,
     R_MERGE_WITHOUT_READINESS,
     R_MERGED,
     R_MERGING,
+    R_NO_UNKNOWN_FIELDS,
     R_NOT_ALIGNED,
     R_RESUMED,
     R_STAGE_STARTED,
     R_STARTED,
     R_SUSPENDED,
+    R_UNBLOCKED,
+    R_UNKNOWN_FIELDS,
     Condition,
+    condition,
     iso,
     set_condition,
 )
@@ -86,6 +93,8 @@ class BranchStatus(_Status):
     reward: float | None = None
     done: bool = False
     message: str = ""
+    attempt: int = Field(0, description="Replacement attempts of this stage (spec.failurePolicy); 0: the first.")
+    retry_time: str | None = Field(None, description="When the next attempt may start (backoff).")
 
 
 class DiagnosticStatus(_Status):
@@ -109,6 +118,7 @@ class RunStatus(_Status):
     stage_start_time: str | None = None
     start_time: str | None = None
     completion_time: str | None = None
+    restarts: int = Field(0, description="Branch stage attempts replaced so far (spec.failurePolicy.maxRestarts).")
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int = 0
 
@@ -140,6 +150,7 @@ class DiagnoseReport:
     diagnostics: tuple[DirectionDiagnostic, ...] = ()
     failed: bool = False
     message: str = ""
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,7 @@ class MergeReport:
     failed: bool = False
     path: str | None = None
     message: str = ""
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +168,8 @@ class Observed:
     diagnose: DiagnoseReport | None = None
     merge: MergeReport | None = None
     invalid_spec: str | None = None  # what only the executor can judge (e.g. a missing dataset)
+    blocked: tuple[str, str] | None = None  # (reason, message): something outside the run it waits on
+    unknown_fields: tuple[str, ...] = ()  # spec fields the executor dropped (a newer CRD): reported, not fatal
 
 
 @dataclass(frozen=True)
@@ -163,6 +177,7 @@ class RunBranchStage:
     branch: str
     cycle: int
     stage: Stage
+    attempt: int = 0  # > 0: a replacement of a failed attempt (its own Job)
 
 
 @dataclass(frozen=True)
@@ -217,11 +232,22 @@ def phase_label(status: RunStatus) -> str:
     return status.stage.value if status.phase == Phase.RUNNING and status.stage else status.phase.value
 
 
+def _parse(ts: str, now: datetime) -> datetime:
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=now.tzinfo)
+
+
 def _seconds_since(ts: str | None, now: datetime) -> float | None:
     if not ts:
         return None
-    then = datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=now.tzinfo)
-    return max(0.0, (now - then).total_seconds())
+    return max(0.0, (now - _parse(ts, now)).total_seconds())
+
+
+def next_wakeup_s(status: RunStatus, now: datetime) -> float | None:
+    """Seconds until the earliest pending retry (a branch attempt in backoff), so an executor can come back
+    then; None when nothing waits on the clock."""
+    waits = [(_parse(b.retry_time, now) - now).total_seconds() for b in status.branches.values()
+             if b.retry_time and not b.done]
+    return max(0.0, min(waits)) if waits and status.phase == Phase.RUNNING else None
 
 
 # ---------------------------------------------------------------------------
@@ -262,8 +288,34 @@ class _Decision:
             self.actions.append(RunDiagnose(self.s.cycle))
             return
         for name, b in self.s.branches.items():
-            if not b.done:
-                self.actions.append(RunBranchStage(name, self.s.cycle, self.s.stage))
+            if b.done or (b.retry_time and _parse(b.retry_time, self.now) > self.now):
+                continue  # done, or a replacement attempt still in its backoff
+            self.actions.append(RunBranchStage(name, self.s.cycle, self.s.stage, b.attempt))
+
+    def restart_branch(self, name: str, report: BranchReport) -> bool:
+        """Replace a failed stage attempt while the run's restart budget lasts; False when it is spent
+        (or retrying cannot help: the trainer named a reason, e.g. InvalidInput)."""
+        fp = self.spec.failure_policy
+        if report.reason is not None or self.s.restarts >= fp.max_restarts:
+            return False
+        self.s.restarts += 1
+        wait = fp.backoff_s(self.s.restarts)
+        b = self.s.branches[name]
+        self.s.branches[name] = b.model_copy(update={
+            "attempt": b.attempt + 1, "retry_time": iso(self.now + timedelta(seconds=wait)),
+            "message": f"attempt {b.attempt + 1} after: {report.message}"[:1000]})
+        self.actions.append(Event(
+            "Warning", R_BRANCH_RESTARTED,
+            f"branch {name}, cycle {self.s.cycle} {self.s.stage.value} failed ({report.message[:300]}); "
+            f"restart {self.s.restarts}/{fp.max_restarts} in {wait:.0f}s from its newest checkpoint"))
+        return True
+
+    def cond_changed(self, type_: str, status: bool, reason: str, message: str) -> bool:
+        """Set a condition; True when its status, reason or message changed (worth an event)."""
+        old = condition(self.s.conditions, type_)
+        want = "True" if status else "False"
+        self.cond(type_, status, reason, message)
+        return old is None or (old.status, old.reason, old.message) != (want, reason, message)
 
     def fail(self, reason: str, message: str) -> None:
         self.move_to(Phase.FAILED, None, reason, message, warning=True)
@@ -310,6 +362,14 @@ def decide(
         d.fail(R_INVALID_SPEC, observed.invalid_spec)
         return s, d.actions
 
+    # -- spec fields this executor does not know: reported, not fatal ------------
+    if observed.unknown_fields:
+        msg = "ignored fields this operator does not know: " + ", ".join(observed.unknown_fields)
+        if d.cond_changed(COND_SPEC_WARNING, True, R_UNKNOWN_FIELDS, msg):
+            d.actions.append(Event("Warning", R_UNKNOWN_FIELDS, msg))
+    elif (c := condition(s.conditions, COND_SPEC_WARNING)) is not None and c.status == "True":
+        d.cond(COND_SPEC_WARNING, False, R_NO_UNKNOWN_FIELDS, "every spec field is known")
+
     # -- suspend / resume -----------------------------------------------------
     if spec.suspend:
         if s.phase != Phase.SUSPENDED:
@@ -317,6 +377,17 @@ def decide(
             d.cond(COND_PROGRESSING, False, R_SUSPENDED, "suspended")
         d.actions.append(StopWork(R_SUSPENDED))
         return s, d.actions
+
+    # -- waiting on something outside the run (transient): no new work, no failure --
+    if observed.blocked:
+        reason, msg = observed.blocked
+        if d.cond_changed(COND_BLOCKED, True, reason, msg):
+            d.actions.append(Event("Warning", reason, f"waiting: {msg}"))
+        return s, d.actions
+    if (c := condition(s.conditions, COND_BLOCKED)) is not None and c.status == "True":
+        d.cond(COND_BLOCKED, False, R_UNBLOCKED, f"no longer waiting ({c.reason})")
+        d.actions.append(Event("Normal", R_UNBLOCKED, f"no longer waiting: {c.message}"))
+
     if s.phase == Phase.SUSPENDED:
         resumed_to = Phase.MERGING if s.stage is None and s.cycle > 0 else (
             Phase.RUNNING if s.cycle > 0 else Phase.PENDING)
@@ -345,8 +416,8 @@ def decide(
     if s.phase == Phase.MERGING:
         m = observed.merge
         if m is not None and m.failed:
-            d.cond(COND_SUCCEEDED, False, R_MERGE_FAILED, m.message)
-            d.fail(R_MERGE_FAILED, m.message or "merge failed")
+            d.cond(COND_SUCCEEDED, False, m.reason or R_MERGE_FAILED, m.message)
+            d.fail(m.reason or R_MERGE_FAILED, m.message or "merge failed")
         elif m is not None and m.done:
             s.merged_model = m.path
             s.completion_time = iso(now)
@@ -365,14 +436,19 @@ def _decide_branch_stage(d: _Decision, observed: Observed) -> None:
         if name not in s.branches or report.cycle != s.cycle or report.stage != s.stage:
             continue  # a report about another stage: stale, ignore
         if report.failed:
+            if s.branches[name].done or d.restart_branch(name, report):
+                continue
+            budget = (f" (restart budget {d.spec.failure_policy.max_restarts} spent)"
+                      if report.reason is None and d.spec.failure_policy.max_restarts else "")
             d.fail(report.reason or R_BRANCH_FAILED,
-                   f"branch {name}, cycle {s.cycle} {s.stage.value}: {report.message}")
+                   f"branch {name}, cycle {s.cycle} {s.stage.value}: {report.message}{budget}")
             return
         b = s.branches[name]
         s.branches[name] = BranchStatus(
             cycle=s.cycle, stage=s.stage.value, step=max(b.step, report.step),
             reward=report.reward if report.reward is not None else b.reward,
             done=b.done or report.done, message=report.message,
+            attempt=b.attempt, retry_time=None if report.done else b.retry_time,
         )
     if all(b.done for b in s.branches.values()):
         d.start_stage(s.cycle, d.next_stage())
@@ -387,7 +463,7 @@ def _decide_diagnose(d: _Decision, observed: Observed) -> None:
         d.ask_for_stage_work()
         return
     if rep.failed:
-        d.fail(R_DIAGNOSE_FAILED, rep.message)
+        d.fail(rep.reason or R_DIAGNOSE_FAILED, rep.message)
         return
     s.diagnostics = [DiagnosticStatus(**x.as_dict()) for x in rep.diagnostics]
     if rep.diagnostics:

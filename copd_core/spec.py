@@ -267,6 +267,34 @@ class TrainerSpec(_Model):
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for every pod.")
 
 
+class StageDeadlinesSpec(_Model):
+    rl: int | None = Field(None, ge=1, description="activeDeadlineSeconds of each RL stage Job (one attempt).")
+    opd: int | None = Field(None, ge=1, description="activeDeadlineSeconds of each OPD stage Job (one attempt).")
+    diagnose: int | None = Field(None, ge=1, description="activeDeadlineSeconds of each diagnose Job.")
+    merge: int | None = Field(None, ge=1, description="activeDeadlineSeconds of the merge Job.")
+
+
+class FailurePolicySpec(_Model):
+    max_restarts: int = Field(
+        3, ge=0, le=1000,
+        description="Failed branch stage attempts the run replaces (a new Job that resumes from the branch's "
+        "newest checkpoint) before a branch failure fails the run; counted over the whole run. Evictions, "
+        "preemptions and drains never count (DisruptionTarget is ignored), nor do the Job's own pod retries.",
+    )
+    backoff_seconds: int = Field(
+        10, ge=0, le=86_400, description="Wait before the first replacement attempt; doubled for each later one.")
+    max_backoff_seconds: int = Field(600, ge=0, le=86_400, description="Longest wait between attempts.")
+    stage_deadline_seconds: StageDeadlinesSpec = Field(
+        default_factory=StageDeadlinesSpec,
+        description="Per-stage activeDeadlineSeconds of the Jobs; a stage attempt over its deadline fails "
+        "(and counts against maxRestarts). Default: no deadline.",
+    )
+
+    def backoff_s(self, restart: int) -> float:
+        """Wait before restart number `restart` (1-based): backoffSeconds·2^(restart-1), capped."""
+        return float(min(self.max_backoff_seconds, self.backoff_seconds * 2 ** max(0, restart - 1)))
+
+
 # ---------------------------------------------------------------------------
 # The run
 
@@ -284,6 +312,7 @@ class CoPDRunSpec(_Model):
     merge: MergeSpec = Field(default_factory=MergeSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    failure_policy: FailurePolicySpec = Field(default_factory=FailurePolicySpec)
     seed: int = Field(0, ge=0, description="Seed of everything random in the run.")
     suspend: bool = Field(False, strict=True, description="Stop creating pods; resume from the last checkpoint when false.")
 

@@ -21,6 +21,7 @@ from copd_core.cycle import (
     StopWork,
     decide,
     fail_run,
+    next_wakeup_s,
 )
 from copd_core.readiness import DirectionDiagnostic
 from copd_core.spec import parse_manifest
@@ -154,7 +155,7 @@ def test_not_aligned_fails_when_policy_says_so():
      "InvalidInput"),
 ])
 def test_failures_become_failed_condition(observed, reason):
-    spec = SpecBuilder().obj()
+    spec = SpecBuilder().set("failurePolicy", maxRestarts=0).obj()
     s, _ = step(spec, RunStatus())
     s, acts = step(spec, s, observed)
     assert s.phase == Phase.FAILED
@@ -245,3 +246,109 @@ def test_schedule_edited_mid_stage_moves_on(edit, during, then):
     edited = SpecBuilder().set("schedule", **edit).obj()
     s, acts = step(edited, s, done(s.cycle, during, "a", "b"))
     assert s.phase == Phase.RUNNING and s.stage == then, (s.phase, s.stage)
+
+
+# ---------------------------------------------------------------------------
+# failurePolicy: a run-level restart budget with exponential backoff
+
+
+def failed(name, cycle=1, stage=Stage.RL, reason=None):
+    return Observed(branches={name: BranchReport(cycle, stage, failed=True, message="OOM", reason=reason)})
+
+
+def at(spec, status, observed=Observed(), seconds=0):
+    return decide(spec, status, observed, T0 + timedelta(minutes=1, seconds=seconds), generation=3)
+
+
+@pytest.mark.parametrize("max_restarts, failures, phase, restarts", [
+    (3, 1, Phase.RUNNING, 1),
+    (3, 3, Phase.RUNNING, 3),
+    (3, 4, Phase.FAILED, 3),
+    (0, 1, Phase.FAILED, 0),
+])
+def test_branch_failures_restart_within_the_budget(max_restarts, failures, phase, restarts):
+    spec = SpecBuilder().set("failurePolicy", maxRestarts=max_restarts, backoffSeconds=10).obj()
+    s, _ = step(spec, RunStatus())
+    t = 0
+    for _ in range(failures):
+        s, acts = at(spec, s, failed("a"), seconds=t)
+        t += 10_000  # past any backoff
+    assert s.phase == phase and s.restarts == restarts
+    if phase == Phase.FAILED:
+        assert {c.type: c.reason for c in s.conditions}["Failed"] == "BranchFailed"
+    else:
+        assert s.branches["a"].attempt == restarts
+        assert any(isinstance(a, Event) and a.reason == "BranchRestarted" for a in acts)
+
+
+def test_restart_waits_for_exponential_backoff_then_asks_for_the_next_attempt():
+    spec = SpecBuilder().set("failurePolicy", maxRestarts=5, backoffSeconds=10, maxBackoffSeconds=30).obj()
+    s, _ = step(spec, RunStatus())
+    s, acts = at(spec, s, failed("a"), seconds=0)
+    assert s.branches["a"].retry_time == "2026-01-01T00:01:10Z"
+    assert RunBranchStage("a", 1, Stage.RL, 1) not in acts and RunBranchStage("b", 1, Stage.RL, 0) in acts
+    assert next_wakeup_s(s, T0 + timedelta(minutes=1)) == 10
+    s, acts = at(spec, s, seconds=10)
+    assert RunBranchStage("a", 1, Stage.RL, 1) in acts
+    waits = []
+    for i in range(1, 4):  # restarts 2..4: 20, 30 (capped), 30
+        s, _ = at(spec, s, failed("a"), seconds=1000 * i)
+        waits.append(next_wakeup_s(s, T0 + timedelta(minutes=1, seconds=1000 * i)))
+    assert waits == [20, 30, 30]
+
+
+def test_invalid_input_is_not_restarted():
+    spec = SpecBuilder().set("failurePolicy", maxRestarts=3).obj()
+    s, _ = step(spec, RunStatus())
+    s, _ = at(spec, s, failed("a", reason="InvalidInput"))
+    assert s.phase == Phase.FAILED and s.restarts == 0
+    assert {c.type: c.reason for c in s.conditions}["Failed"] == "InvalidInput"
+
+
+def test_a_restarted_branch_that_finishes_moves_the_stage_on():
+    spec = SpecBuilder().obj()
+    s, _ = step(spec, RunStatus())
+    s, _ = at(spec, s, failed("a"))
+    s, _ = at(spec, s, done(1, Stage.RL, "a", "b"), seconds=100)
+    assert s.stage == Stage.OPD and s.branches["a"].attempt == 0 and s.branches["a"].retry_time is None
+
+
+@pytest.mark.parametrize("observed, reason, reports", [
+    (Observed(diagnose=DiagnoseReport(1, failed=True, reason="InvalidInput", message="x")), "InvalidInput", True),
+    (Observed(diagnose=DiagnoseReport(1, failed=True, message="x")), "DiagnoseFailed", True),
+])
+def test_diagnose_failure_reason_passes_through(observed, reason, reports):
+    spec = SpecBuilder().obj()
+    s = _to_diagnose(spec)
+    s, _ = step(spec, s, observed)
+    assert s.phase == Phase.FAILED and {c.type: c.reason for c in s.conditions}["Failed"] == reason
+
+
+# ---------------------------------------------------------------------------
+# transient: waiting on something outside the run; unknown fields
+
+
+def test_blocked_run_waits_with_a_condition_then_continues():
+    spec = SpecBuilder().obj()
+    blocked = Observed(blocked=("ClaimNotFound", "storage.claimName: PersistentVolumeClaim 'x' not found"))
+    s, acts = step(spec, RunStatus(), blocked)
+    assert s.phase == Phase.PENDING and work(acts) == []
+    assert [a.reason for a in acts if isinstance(a, Event)] == ["ClaimNotFound"]
+    cond = {c.type: c for c in s.conditions}["Blocked"]
+    assert cond.status == "True" and cond.reason == "ClaimNotFound"
+    s, acts = step(spec, s, blocked, minutes=2)
+    assert acts == []  # no repeated event
+    s, acts = step(spec, s, Observed(), minutes=3)
+    assert s.phase == Phase.RUNNING and {c.type: c.status for c in s.conditions}["Blocked"] == "False"
+    assert any(isinstance(a, Event) and a.reason == "Unblocked" for a in acts)
+
+
+def test_unknown_fields_are_reported_not_fatal():
+    spec = SpecBuilder().obj()
+    s, acts = step(spec, RunStatus(), Observed(unknown_fields=("spec.futureKnob",)))
+    assert s.phase == Phase.RUNNING
+    cond = {c.type: c for c in s.conditions}["SpecWarning"]
+    assert cond.status == "True" and cond.reason == "UnknownFields" and "spec.futureKnob" in cond.message
+    assert any(isinstance(a, Event) and a.reason == "UnknownFields" for a in acts)
+    s, acts = step(spec, s, Observed(unknown_fields=("spec.futureKnob",)), minutes=2)
+    assert not any(isinstance(a, Event) and a.reason == "UnknownFields" for a in acts)
