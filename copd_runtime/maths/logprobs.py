@@ -61,6 +61,13 @@ def head_logits_C_V(head: LMHead, hidden_C_H: torch.Tensor, temperature: float) 
     return z.div_(temperature)
 
 
+def logsumexp_destroying_C(z_C_V: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last axis, computed in place in `z` (which it overwrites):
+    `torch.logsumexp` would allocate a second [C, V] block for exp(z − max)."""
+    m = z_C_V.amax(-1, keepdim=True)
+    return z_C_V.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+
+
 class _TokenLogprobs(torch.autograd.Function):
     """log_softmax(head(h) / T)[y], chunk by chunk; backward recomputes the chunks.
 
@@ -75,8 +82,9 @@ class _TokenLogprobs(torch.autograd.Function):
         lse_M = torch.empty(M, dtype=torch.float32, device=hidden_M_H.device)
         for s in range(0, M, rows):
             z = head_logits_C_V(head, hidden_M_H[s : s + rows], temperature)
-            lse = torch.logsumexp(z, -1)
-            lp_M[s : s + rows] = z.gather(-1, targets_M[s : s + rows, None]).squeeze(-1) - lse
+            picked = z.gather(-1, targets_M[s : s + rows, None]).squeeze(-1)
+            lse = logsumexp_destroying_C(z)
+            lp_M[s : s + rows] = picked - lse
             lse_M[s : s + rows] = lse
             del z
         ctx.save_for_backward(hidden_M_H, weight_V_H, bias_V, targets_M, lse_M)
@@ -142,11 +150,12 @@ def topk_logprobs_M_K(
     query = None if query_ids_M_Q is None else torch.zeros(query_ids_M_Q.shape, dtype=torch.float32, device=dev)
     for s in range(0, M, rows):
         z = head_logits_C_V(head, hidden_M_H[s : s + rows], temperature)
-        logp = z.sub_(torch.logsumexp(z, -1, keepdim=True))
-        if k:
-            top = logp.topk(k, -1)
-            lps[s : s + rows], ids[s : s + rows] = top.values, top.indices
+        top = z.topk(k, -1) if k else None  # the same ids as the log-probs' top-k
+        picked = None if query is None else z.gather(-1, query_ids_M_Q[s : s + rows])
+        lse = logsumexp_destroying_C(z)[:, None]
+        if top is not None:
+            lps[s : s + rows], ids[s : s + rows] = top.values - lse, top.indices
         if query is not None:
-            query[s : s + rows] = logp.gather(-1, query_ids_M_Q[s : s + rows])
-        del z, logp
+            query[s : s + rows] = picked - lse
+        del z
     return ids, lps, query
