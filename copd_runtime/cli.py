@@ -202,6 +202,7 @@ def stage(
     if branch not in [b.name for b in m.spec.branches]:
         _report({"failed": True, "message": f"unknown branch {branch!r}"}, report_file)
         raise typer.Exit(2)
+    _preflight(m.spec, storage, report_file, [branch])
     st = Stage(stage)
     hub = None
     if st == Stage.OPD:
@@ -210,7 +211,7 @@ def stage(
             raise typer.Exit(2)
         from copd_runtime.hub import HttpHub
 
-        hub = HttpHub(hub_url)
+        hub = HttpHub(hub_url, storage=storage, cycle=cycle)  # re-reads a replaced hub's address
     metrics_file = storage / "metrics.jsonl"
     live = ProgressReporter.from_pod(branch_object, api_credentials, interval_s=progress_interval)
 
@@ -243,19 +244,32 @@ def hub(
     cycle: Annotated[int, typer.Option(min=1, help="The OPD stage whose frozen teachers to serve.")],
     port: Annotated[int, typer.Option()] = 8000,
     host: Annotated[str, typer.Option()] = "0.0.0.0",
+    advertise_url: Annotated[str | None, typer.Option(
+        help="The URL trainers should use, published in <storage>/hub/cycle-NNN.json once listening; "
+             "default http://$COPD_POD_IP:PORT (the pod's IP), or HOST:PORT when HOST is not 0.0.0.0.")] = None,
+    report_file: ReportOpt = None,
 ) -> None:
     """Serve teacher scoring for the OPD stage of CYCLE (teachers frozen at its start)."""
-    from copd_runtime.hub import InProcessHub, make_server
+    import os
+
+    from copd_runtime.hub import InProcessHub, make_server, write_hub_address
     from copd_runtime.recipes.stage import stage_start_model
 
     m = _manifest(manifest)
+    _preflight(m.spec, storage, report_file)
     _torch_threads()
     spec = m.spec
     snaps = {b.name: stage_start_model(spec, storage, b.name, cycle, "OPD") for b in spec.branches}
     h = InProcessHub(snaps, spec.rl.temperature, spec.base_model.kind)
     for name in snaps:
         h.teacher(name)
-    server = make_server(h, host, port)
+    server = make_server(h, host, port)  # listening from here on, teachers loaded: ready
+    bound = server.server_address[1]
+    pod_ip = os.environ.get("COPD_POD_IP")
+    url = advertise_url or (f"http://{pod_ip}:{bound}" if pod_ip else
+                            f"http://{host}:{bound}" if host not in ("0.0.0.0", "::", "") else None)
+    if url:
+        write_hub_address(storage, cycle, url)
     print(json.dumps({"hub": "ready", "cycle": cycle, "teachers": {k: str(v) for k, v in snaps.items()},
                       "port": server.server_address[1]}), flush=True)
     server.serve_forever()
@@ -269,6 +283,7 @@ def diagnose(manifest: ManifestOpt, storage: StorageOpt, cycle: Annotated[int, t
     from copd_runtime.recipes.diagnose import diagnose as run_diagnose
 
     m = _manifest(manifest)
+    _preflight(m.spec, storage, report_file)
     _torch_threads()
     lr = LocalRun(m, storage, on_event=lambda s: print(s, file=sys.stderr))
     rows = run_diagnose(m.spec, lr.final_model_dirs(), lr.datasets, cycle)
@@ -289,6 +304,7 @@ def merge(manifest: ManifestOpt, storage: StorageOpt, output: Annotated[Path | N
     from copd_runtime.recipes.merge import merge_dirs
 
     m = _manifest(manifest)
+    _preflight(m.spec, storage, report_file)
     spec = m.spec
     lr = LocalRun(m, storage, on_event=lambda s: print(s, file=sys.stderr))
     dirs = lr.final_model_dirs()

@@ -10,14 +10,26 @@ few positions at a time; zeros elsewhere in the [N, L, ...] tensors it returns).
 - `serve(...)` / `HttpHub`: the same hub as an HTTP service (`copd hub serve`),
   which the operator runs as a pod behind a Service during OPD phases. Tensors
   travel as safetensors bytes; the JSON header carries the metadata.
+
+A hub pod can be evicted or deleted mid-stage; the operator creates a new one, maybe
+at another address. Once it listens (teachers loaded), `copd hub` writes its address to
+`<storage>/hub/cycle-NNN.json`; `HttpHub` given the storage reads it before every try
+(else it uses the URL it was given), and retries a failed request (connection refused or
+reset, a timeout, a 5xx) with exponential backoff and jitter, within a bounded total
+wait. A 4xx (a bad request, an unknown teacher) is not retried.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import random
 import threading
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -143,34 +155,107 @@ def make_server(hub: InProcessHub, host: str, port: int) -> ThreadingHTTPServer:
     return ThreadingHTTPServer((host, port), Handler)
 
 
-class HttpHub:
-    """Client of `copd hub serve`; same `score` as InProcessHub."""
+def hub_address_file(storage: Path, cycle: int) -> Path:
+    return Path(storage) / "hub" / f"cycle-{cycle:03d}.json"
 
-    def __init__(self, url: str, timeout_s: float = 300.0, wait_ready_s: float = 300.0):
-        self.url = url.rstrip("/")
+
+def write_hub_address(storage: Path, cycle: int, url: str) -> Path:
+    """Publish where the hub of `cycle` listens (atomic: a reader sees the old or the new address)."""
+    path = hub_address_file(storage, cycle)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"url": url, "cycle": cycle, "time": time.time()}))
+    os.replace(tmp, path)
+    return path
+
+
+def read_hub_address(storage: Path, cycle: int) -> str | None:
+    try:
+        url = json.loads(hub_address_file(storage, cycle).read_text()).get("url")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return url.rstrip("/") if isinstance(url, str) and url else None
+
+
+class HubUnavailable(RuntimeError):
+    """The hub did not answer within the client's whole retry budget."""
+
+
+class _Transient(Exception):
+    pass
+
+
+class HttpHub:
+    """Client of `copd hub serve`; same `score` as InProcessHub.
+
+    `storage` + `cycle`: re-read the hub's published address before each try (a replaced hub pod may
+    listen elsewhere); `url` is the fallback. Failed tries are retried with exponential backoff
+    (`backoff_s`·2^n, at most `max_backoff_s`, times a random 0.5-1 jitter) for at most `retry_budget_s`.
+    """
+
+    def __init__(self, url: str, timeout_s: float = 300.0, wait_ready_s: float = 300.0,
+                 storage: Path | None = None, cycle: int | None = None, retry_budget_s: float = 900.0,
+                 backoff_s: float = 1.0, max_backoff_s: float = 30.0,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+        self.fallback_url = url.rstrip("/")
+        self.storage, self.cycle = storage, cycle
         self.timeout_s = timeout_s
+        self.retry_budget_s, self.backoff_s, self.max_backoff_s = retry_budget_s, backoff_s, max_backoff_s
+        self.sleep, self.clock = sleep, clock
+        self.retries = 0
+        self.url = self._resolve()
         self._wait_ready(wait_ready_s)
 
+    def _resolve(self) -> str:
+        if self.storage is not None and self.cycle is not None:
+            return read_hub_address(self.storage, self.cycle) or self.fallback_url
+        return self.fallback_url
+
     def _wait_ready(self, budget_s: float) -> None:
-        deadline = time.monotonic() + budget_s
+        self._retrying(lambda: self._get_ready(), budget_s, "ready")
+
+    def _get_ready(self) -> None:
+        try:
+            with urllib.request.urlopen(self.url + "/readyz", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError as e:
+            raise _Transient(f"{e.code}") from None
+        except OSError as e:
+            raise _Transient(str(e)) from None
+        raise _Transient("not ready")
+
+    def _retrying(self, call: Callable, budget_s: float, what: str):
+        deadline = self.clock() + budget_s
+        n = 0
         while True:
             try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"hub at {self.url} not ready after {budget_s:.0f}s")
-            time.sleep(1.0)
+                return call()
+            except _Transient as e:
+                now = self.clock()
+                if now >= deadline:
+                    raise HubUnavailable(f"hub {self.url} not {what} after {budget_s:.0f}s ({n} retries): {e}") \
+                        from None
+                wait = min(self.max_backoff_s, self.backoff_s * 2 ** n) * random.uniform(0.5, 1.0)
+                self.sleep(max(0.0, min(wait, deadline - now)))
+                n += 1
+                self.retries += 1
+                self.url = self._resolve()
 
-    def score(self, teacher: str, rollout: Rollout, k: int, query_ids: torch.Tensor | None = None):
-        req = urllib.request.Request(
-            self.url + "/v1/score", data=encode_request(teacher, rollout, k, query_ids), method="POST",
-            headers={"Content-Type": "application/octet-stream"},
-        )
+    def _post(self, body: bytes) -> dict:
+        req = urllib.request.Request(self.url + "/v1/score", data=body, method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
                 return st_load(r.read())
         except urllib.error.HTTPError as e:
-            raise RuntimeError(f"hub {self.url}: {e.code} {e.read().decode(errors='replace')}") from None
+            text = e.read().decode(errors="replace")
+            if e.code >= 500:
+                raise _Transient(f"{e.code} {text[:200]}") from None
+            raise RuntimeError(f"hub {self.url}: {e.code} {text}") from None
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, unreachable, DNS, timeout, cut off
+            raise _Transient(f"{type(e).__name__}: {e}") from None
+
+    def score(self, teacher: str, rollout: Rollout, k: int, query_ids: torch.Tensor | None = None):
+        body = encode_request(teacher, rollout, k, query_ids)
+        return self._retrying(lambda: self._post(body), self.retry_budget_s, "answering")
