@@ -240,6 +240,10 @@ class StorageSpec(_Model):
     storage_class_name: str | None = Field(None, description="StorageClass of the PVC the operator creates.")
     access_mode: Literal["ReadWriteMany", "ReadWriteOnce"] = Field(
         "ReadWriteMany", description="Branches write concurrently: ReadWriteMany unless one node runs all.")
+    retain_policy: Literal["Retain", "Delete"] = Field(
+        "Retain", description="What deleting the run does to the PVC the operator created (checkpoints, "
+        "the merged model): Retain keeps it (no owner reference; label copd.io/run), Delete removes it "
+        "with the run.")
 
 
 class ResourceSpec(_Model):
@@ -367,7 +371,7 @@ class CoPDRunSpec(_Model):
 
 class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow")
-    name: str = Field(pattern=DNS_LABEL, max_length=53)
+    name: str = Field(pattern=DNS_LABEL, max_length=63)  # the label copd.io/run; children hash their names
     namespace: str | None = None
 
 

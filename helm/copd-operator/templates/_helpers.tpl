@@ -85,9 +85,14 @@ RBAC rules, split by scope. Together they are exactly operator/deploy/rbac.yaml'
 - apiGroups: [""]
   resources: [services]
   verbs: [get, list, create, delete]
+# the run's claim: patch moves its owner reference when spec.storage.retainPolicy changes
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [get, create]
+  verbs: [get, create, patch]
+# the hub's NetworkPolicy (one per run, owned by it)
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, create]
 - apiGroups: [""]
   resources: [serviceaccounts]
   verbs: [get, create]
