@@ -35,7 +35,7 @@ class Rollout:
     input_ids: torch.Tensor  # [N, L] long
     attention_mask: torch.Tensor  # [N, L] long
     response_mask: torch.Tensor  # [N, L] float: 1 on sampled tokens (EOS included)
-    old_logprobs: torch.Tensor  # [N, L] float: behaviour log-probs, 0 elsewhere
+    old_logprobs: torch.Tensor  # [N, L] float: π_old of the response tokens, 0 elsewhere
     truncated: torch.Tensor  # [N] bool: hit max_new_tokens without EOS
     responses: list[str]
     vision: dict[str, torch.Tensor] = field(default_factory=dict)

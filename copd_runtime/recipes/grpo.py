@@ -1,8 +1,8 @@
 """The RL phase: one GRPO step on a branch's own verifiable-reward data.
 
-Read top to bottom: pick prompts → sample G responses each (behaviour log-probs
-recorded) → verify → group-normalise rewards → clipped policy-gradient update,
-token mean over the batch.
+Read top to bottom: pick prompts → sample G responses each (π_old from the
+trainer's own forward over them) → verify → group-normalise rewards → clipped
+policy-gradient update, token mean over the batch.
 
 Departures from GRPO as published: no reference KL by default (`rl.klCoef` = 0);
 clip-higher (separate ε_low/ε_high); token-mean loss. Truncated responses (no EOS
