@@ -2,7 +2,7 @@
 
     copd-operator --namespace team-a [--namespace team-b] | --all-namespaces
                   [--metrics-port 9090] [--health-port 8081] [--hub-address service|pod-ip]
-                  [--trainer-command "copd"] [--workers 4] [--resync-seconds 3]
+                  [--trainer-command "copd"] [--workers 4] [--resync-seconds 3] [--no-network-policy]
                   [--leader-elect [--leader-election-namespace NS] [--leader-election-id NAME]]
 """
 
@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Command prefix of the `copd` entry points in pods (shell words).")
     p.add_argument("--trainer-service-account", default="copd-trainer",
                    help="ServiceAccount of trainer/hub/merge pods (created in the run's namespace if missing).")
+    p.add_argument("--network-policy", action=argparse.BooleanOptionalAction, default=True,
+                   help="Give each run a NetworkPolicy that lets only its own trainers reach its hub "
+                        "(inert where the network plugin does not enforce NetworkPolicy).")
     p.add_argument("--checkpoint-every", type=int, default=2, help="Trainers checkpoint every N steps.")
     p.add_argument("--workers", type=int, default=4, help="Runs reconciled in parallel.")
     p.add_argument("--resync-seconds", type=float, default=3.0, help="Reconcile every known run this often.")
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_every=a.checkpoint_every,
         trainer_service_account=a.trainer_service_account,
         extra_env=dict(kv.split("=", 1) for kv in a.pod_env),
+        network_policy=a.network_policy,
     )
     metrics = CoPDMetrics()
     if a.metrics_port is not None:

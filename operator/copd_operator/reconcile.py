@@ -19,24 +19,42 @@ Job waits for the next reconcile: the outcome asks for one at once.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from kubernetes.client.rest import ApiException
 
-from copd_core.conditions import R_INVALID_SPEC, iso
-from copd_core.cycle import Event, RunStatus, decide, fail_run
+from copd_core.conditions import (
+    COND_RECONCILE_ERROR,
+    R_API_ERROR,
+    R_CREATE_REJECTED,
+    R_INTERNAL_ERROR,
+    R_INVALID_SPEC,
+    R_QUOTA_EXCEEDED,
+    R_RECONCILED,
+    condition,
+    iso,
+    set_condition,
+)
+from copd_core.cycle import Event, RunStatus, decide, fail_run, next_wakeup_s
 from copd_core.metrics import CoPDMetrics
-from copd_core.spec import SpecError, parse_manifest
-from copd_operator.io.act import apply_ops, create, write_run_status
+from copd_core.spec import SpecError
+from copd_operator.io.act import NameConflict, apply_ops, create, patch_run_conditions, write_run_status
 from copd_operator.io.gather import Apis, gather
-from copd_operator.logic.builders import OperatorConfig, RunRef, build_event
+from copd_operator.logic.builders import R_NAME_CONFLICT, OperatorConfig, RunRef, build_event
+from copd_operator.logic.lenient import parse_lenient
 from copd_operator.logic.observe import observe
 from copd_operator.logic.plan import Create, Op, branch_statuses, plan
 
 log = logging.getLogger("copd_operator.reconcile")
+
+EVENT_TRIES = 3
+EVENT_RETRY_S = 0.2
 
 
 class Conflict(Exception):
@@ -68,7 +86,8 @@ class Reconciler:
         self.apis, self.cfg, self.metrics, self.clock = apis, cfg, metrics, clock
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
-        snap = gather(self.apis, namespace, name, self.cfg.trainer_service_account)
+        snap = gather(self.apis, namespace, name, self.cfg.trainer_service_account,
+                      network_policies=self.cfg.network_policy)
         if snap is None:
             self.metrics.forget_run(namespace, name)
             return GONE
@@ -78,10 +97,10 @@ class Reconciler:
         now = self.clock()
         old = obj.get("status") or {}
         status = RunStatus.model_validate(old)
-        try:
-            manifest = parse_manifest({"apiVersion": obj["apiVersion"], "kind": obj["kind"],
-                                       "metadata": {"name": md["name"], "namespace": namespace},
-                                       "spec": obj.get("spec") or {}})
+        try:  # fields of a newer CRD are dropped and reported (SpecWarning), never fatal
+            manifest, unknown = parse_lenient({"apiVersion": obj["apiVersion"], "kind": obj["kind"],
+                                               "metadata": {"name": md["name"], "namespace": namespace},
+                                               "spec": obj.get("spec") or {}})
         except SpecError as e:
             new, actions = fail_run(status, R_INVALID_SPEC, str(e), now, gen)
             self._write(obj, old, new)
@@ -89,15 +108,56 @@ class Reconciler:
             return DONE
         run = RunRef(name, namespace, md["uid"], manifest.spec)
 
-        observed = observe(run.spec, status, snap)
-        new, actions = decide(run.spec, status, observed, now, gen)
-        self._write(obj, old, new)
-        ops = plan(run, self.cfg, new, actions, snap, now, gen)
-        apply_ops(self.apis, namespace, [op for op in ops if not _is_event(op)])
+        new = status
+        try:
+            observed = replace(observe(run.spec, status, snap), unknown_fields=unknown)
+            new, actions = decide(run.spec, status, observed, now, gen)
+            self._write(obj, old, new)
+            self._events(run, actions, now)  # right after the status write: a failing op below cannot lose them
+            ops = plan(run, self.cfg, new, actions, snap, now, gen)
+            conflicts = apply_ops(self.apis, namespace, [op for op in ops if not _is_event(op)])
+        except Conflict:
+            raise
+        except Exception as e:  # a condition and an event; the queue retries with per-key backoff
+            self._record_error(obj, new, e, now, gen)
+            raise
+        self._clear_error(obj, new, now, gen)
         for branch, st in branch_statuses(run, new, snap, gen).items():  # live step/reward, as the Branches show
             self.metrics.set_branch(namespace, name, branch, st)
-        self._events(run, actions, now)
-        return AGAIN if needs_another_pass(ops) else DONE
+        self._name_conflicts(run, conflicts, now)
+        if needs_another_pass(ops):
+            return AGAIN
+        wake = next_wakeup_s(new, now)  # a branch attempt in backoff: come back when it may start
+        return DONE if wake is None else Outcome(requeue_after_s=wake + 0.5)
+
+    def _record_error(self, obj: dict, status: RunStatus, err: BaseException, now: datetime, gen: int) -> None:
+        """Make a reconcile's exception visible: condition ReconcileError (reason from the error) and a Warning
+        event, once per distinct error (a retry of the same one writes nothing)."""
+        md = obj["metadata"]
+        reason, message = error_condition(err)
+        prev = condition(status.conditions, COND_RECONCILE_ERROR)
+        if prev is not None and (prev.status, prev.reason, prev.message) == ("True", reason, message):
+            return
+        conds = set_condition(status.conditions, COND_RECONCILE_ERROR, "True", reason, message, now, gen)
+        try:
+            patch_run_conditions(self.apis, md["namespace"], md["name"],
+                                 [c.model_dump(by_alias=True, mode="json") for c in conds])
+        except Exception as e:  # noqa: BLE001 - the error itself is what matters; the queue retries
+            log.warning("cannot record reconcile error on %s/%s: %s", md["namespace"], md["name"], e)
+        run = RunRef(md["name"], md["namespace"], md["uid"], None)  # type: ignore[arg-type]
+        self._events(run, [Event("Warning", reason, message)], now)
+
+    def _clear_error(self, obj: dict, status: RunStatus, now: datetime, gen: int) -> None:
+        prev = condition(status.conditions, COND_RECONCILE_ERROR)
+        if prev is None or prev.status != "True":
+            return
+        md = obj["metadata"]
+        conds = set_condition(status.conditions, COND_RECONCILE_ERROR, "False", R_RECONCILED,
+                              f"recovered from {prev.reason}", now, gen)
+        patch_run_conditions(self.apis, md["namespace"], md["name"],
+                             [c.model_dump(by_alias=True, mode="json") for c in conds])
+        run = RunRef(md["name"], md["namespace"], md["uid"], None)  # type: ignore[arg-type]
+        self._events(run, [Event("Normal", R_RECONCILED, f"recovered from {prev.reason}: {prev.message}")], now)
 
     def _write(self, obj: dict, old: dict, new: RunStatus) -> None:
         md = obj["metadata"]
@@ -116,14 +176,48 @@ class Reconciler:
         for a in actions:
             if not isinstance(a, Event):
                 continue
-            self.metrics.transition(a.ended, a.started, a.duration_s)
+            if a.ended is not None or a.started is not None:
+                self.metrics.transition(a.ended, a.started, a.duration_s)
             log.info("%s/%s %s: %s", run.namespace, run.name, a.reason, a.message)
-            try:
-                create(self.apis, run.namespace,
-                       build_event(run, a.type, a.reason, a.message, iso(now), f"{int(now.timestamp() * 1000):x}{n}"))
-            except ApiException as e:  # events are best effort; the transition is in the status already
-                log.warning("cannot record event %s: %s", a.reason, e.reason)
+            ev = build_event(run, a.type, a.reason, a.message, iso(now), f"{int(now.timestamp() * 1000):x}{n}")
+            for attempt in range(EVENT_TRIES):  # the name is fixed: a retry after a lost answer is a 409
+                try:
+                    create(self.apis, run.namespace, ev)
+                    break
+                except Exception as e:  # noqa: BLE001 - the transition is in the status already
+                    if attempt == EVENT_TRIES - 1:
+                        log.warning("cannot record event %s: %s", a.reason, getattr(e, "reason", e))
+                    else:
+                        time.sleep(EVENT_RETRY_S * 2 ** attempt)
             n += 1
+
+
+    def _name_conflicts(self, run: RunRef, conflicts: list[NameConflict], now: datetime) -> None:
+        """One Warning Event per taken name (its Event name is fixed: a repeat is a harmless 409)."""
+        for c in conflicts:
+            suffix = "name-conflict-" + hashlib.sha256(f"{c.kind}/{c.name}".encode()).hexdigest()[:10]
+            try:
+                create(self.apis, run.namespace, build_event(run, "Warning", R_NAME_CONFLICT, str(c), iso(now), suffix))
+            except ApiException as e:
+                log.warning("cannot record event %s: %s", R_NAME_CONFLICT, e.reason)
+
+
+def error_condition(err: BaseException) -> tuple[str, str]:
+    """(reason, message) of a reconcile's exception: a quota refusal, a rejected create, another API error,
+    or a bug."""
+    if isinstance(err, ApiException):
+        body = str(err.body or "")
+        try:
+            body = json.loads(body).get("message", body)
+        except (ValueError, AttributeError):
+            pass
+        text = f"{err.status} {err.reason}: {body}"[:1000]
+        if err.status == 403 and "exceeded quota" in body:
+            return R_QUOTA_EXCEEDED, text
+        if err.status in (403, 422):
+            return R_CREATE_REJECTED, text
+        return R_API_ERROR, text
+    return R_INTERNAL_ERROR, f"{type(err).__name__}: {err}"[:1000]
 
 
 def _is_event(op) -> bool:

@@ -27,7 +27,8 @@ from copd_operator.reconcile import Conflict, Reconciler
 log = logging.getLogger("copd_operator")
 
 CONFLICT_RETRY_S = 0.2
-ERROR_RETRY_S = 2.0
+ERROR_RETRY_S = 2.0  # the first retry after a reconcile raised; doubled per failure of the same key
+MAX_ERROR_RETRY_S = 60.0
 
 
 @dataclass
@@ -47,6 +48,7 @@ class OperatorRuntime:
 
     def work(self, key: Key) -> bool:
         outcome = self.reconciler.reconcile(*key)
+        self.queue.succeeded(key)
         if outcome.exists and outcome.requeue_after_s is not None:
             self.queue.add(key, delay=outcome.requeue_after_s)
         return outcome.exists
@@ -56,8 +58,9 @@ class OperatorRuntime:
             return CONFLICT_RETRY_S
         kind = type(err).__name__ if not isinstance(err, ApiException) else f"ApiException{err.status}"
         self.reconciler.metrics.reconcile_errors.labels(kind).inc()
-        log.exception("reconcile %s/%s failed", *key, exc_info=err)
-        return ERROR_RETRY_S
+        wait = self.queue.retry_after(key, ERROR_RETRY_S, MAX_ERROR_RETRY_S)
+        log.error("reconcile %s/%s failed (retry in %.0fs): %s", *key, wait, err, exc_info=err)
+        return wait
 
     # -- lifecycle
 

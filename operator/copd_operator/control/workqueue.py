@@ -3,7 +3,9 @@
 Watch events add keys (deduplicated while waiting); workers take them; a key
 added while it is being reconciled is run again afterwards. A resync adds
 every known key every `resync_s`, which makes the loop level-based even if an
-event is missed. (kopf's own daemons/timers would need a finalizer on every
+event is missed. A key whose reconcile raised backs off exponentially (`retry_after`:
+base·2^(n-1), capped), and every add of it waits for that, resyncs included, until
+a reconcile of it succeeds (`succeeded`). (kopf's own daemons/timers would need a finalizer on every
 CoPDRun; this queue needs none, so deleting a run never waits for the operator.)
 """
 
@@ -30,10 +32,13 @@ class WorkQueue:
         self._delayed: list[tuple[float, Key]] = []
         self.known: set[Key] = set()
         self._closed = False
+        self._failures: dict[Key, int] = {}
+        self._not_before: dict[Key, float] = {}
 
     def add(self, key: Key, delay: float = 0.0) -> None:
         with self._cv:
             self.known.add(key)
+            delay = max(delay, self._not_before.get(key, 0.0) - time.monotonic())  # a key in error backoff
             if delay > 0:
                 heapq.heappush(self._delayed, (time.monotonic() + delay, key))
             elif key in self._processing:
@@ -46,6 +51,27 @@ class WorkQueue:
     def forget(self, key: Key) -> None:
         with self._cv:
             self.known.discard(key)
+            self._failures.pop(key, None)
+            self._not_before.pop(key, None)
+
+    def retry_after(self, key: Key, base_s: float, max_s: float) -> float:
+        """One more failure of `key`: how long it now waits (base·2^(failures-1), at most max_s)."""
+        with self._cv:
+            n = self._failures.get(key, 0) + 1
+            self._failures[key] = n
+            wait = min(max_s, base_s * 2 ** (n - 1))
+            self._not_before[key] = time.monotonic() + wait
+            return wait
+
+    def succeeded(self, key: Key) -> None:
+        """A reconcile of `key` went through: its error backoff starts again from the base."""
+        with self._cv:
+            self._failures.pop(key, None)
+            self._not_before.pop(key, None)
+
+    def failures(self, key: Key) -> int:
+        with self._cv:
+            return self._failures.get(key, 0)
 
     def get(self, timeout: float = 1.0) -> Key | None:
         with self._cv:

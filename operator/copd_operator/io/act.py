@@ -1,20 +1,58 @@
-"""The only code that writes children: idempotent creates, merge patches, background deletes."""
+"""The only code that writes children: idempotent creates, merge patches, background deletes.
+
+A create that meets an existing object (409) reads it: if it is ours (builders.made_for: the
+owner we would have given it), the create is done; if another run or someone else owns it, the
+name is taken: `NameConflict`, which `apply_ops` collects (the other ops still run) and the
+reconcile reports as a Warning Event. Names hash the run's uid (naming.py), so this takes a
+hand-made object under our name or a hash collision.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 
 from kubernetes.client.rest import ApiException
 
 from copd_operator.io.gather import Apis
+from copd_operator.logic.builders import made_for
 from copd_operator.logic.naming import BRANCH_PLURAL, GROUP, RUN_PLURAL, VERSION
 from copd_operator.logic.plan import Create, Delete, Op, Patch
 
 log = logging.getLogger("copd_operator.io.act")
 
 
+class NameConflict(Exception):
+    """A child's name is taken by an object this run does not own."""
+
+    def __init__(self, kind: str, name: str, owners: list[dict]):
+        self.kind, self.name = kind, name
+        held = ", ".join(f"{r.get('kind')} {r.get('name')}" for r in owners) or "no owner of ours"
+        super().__init__(f"{kind} {name!r} already exists and belongs to {held}, not this run: "
+                         f"delete or rename it")
+
+
+def _read(apis: Apis, namespace: str, kind: str, name: str) -> dict | None:
+    try:
+        if kind == "Branch":
+            return apis.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, BRANCH_PLURAL, name)
+        read = {
+            "Job": apis.batch.read_namespaced_job,
+            "Pod": apis.core.read_namespaced_pod,
+            "Service": apis.core.read_namespaced_service,
+            "PersistentVolumeClaim": apis.core.read_namespaced_persistent_volume_claim,
+            "NetworkPolicy": apis.networking.read_namespaced_network_policy,
+        }[kind]
+        return json.loads(read(name, namespace, _preload_content=False).data)
+    except ApiException as e:
+        if e.status == 404:
+            return None  # gone since the 409 (being deleted): the next reconcile creates it
+        raise
+
+
 def create(apis: Apis, namespace: str, obj: dict) -> dict | None:
-    """Create; an object that already exists is fine (deterministic names). Returns the object."""
+    """Create; an object of ours that already exists is fine (deterministic names). Returns the object.
+    Raises NameConflict when the name is taken by an object we did not make."""
     kind = obj["kind"]
     try:
         if kind == "Branch":
@@ -24,6 +62,7 @@ def create(apis: Apis, namespace: str, obj: dict) -> dict | None:
             "Pod": apis.core.create_namespaced_pod,
             "Service": apis.core.create_namespaced_service,
             "PersistentVolumeClaim": apis.core.create_namespaced_persistent_volume_claim,
+            "NetworkPolicy": apis.networking.create_namespaced_network_policy,
             "ServiceAccount": apis.core.create_namespaced_service_account,
             "Event": apis.core.create_namespaced_event,
         }[kind]
@@ -31,9 +70,14 @@ def create(apis: Apis, namespace: str, obj: dict) -> dict | None:
         log.info("created %s %s/%s", kind, namespace, obj["metadata"]["name"])
         return res
     except ApiException as e:
-        if e.status == 409:
-            return None
-        raise
+        if e.status != 409:
+            raise
+    if kind in ("ServiceAccount", "Event"):
+        return None  # shared by every run of the namespace / best effort
+    existing = _read(apis, namespace, kind, obj["metadata"]["name"])
+    if existing is None or made_for(existing, obj) is not False:
+        return None
+    raise NameConflict(kind, obj["metadata"]["name"], existing["metadata"].get("ownerReferences") or [])
 
 
 def patch(apis: Apis, namespace: str, op: Patch) -> None:
@@ -44,6 +88,8 @@ def patch(apis: Apis, namespace: str, op: Patch) -> None:
             fn(GROUP, VERSION, namespace, BRANCH_PLURAL, op.name, op.body)
         elif op.kind == "Job":
             apis.batch.patch_namespaced_job(op.name, namespace, op.body)
+        elif op.kind == "PersistentVolumeClaim":
+            apis.core.patch_namespaced_persistent_volume_claim(op.name, namespace, op.body)
         else:
             raise ValueError(f"cannot patch {op.kind}")
     except ApiException as e:
@@ -62,14 +108,21 @@ def delete(apis: Apis, namespace: str, op: Delete) -> None:
             raise
 
 
-def apply_ops(apis: Apis, namespace: str, ops: list[Op]) -> None:
+def apply_ops(apis: Apis, namespace: str, ops: list[Op]) -> list[NameConflict]:
+    """Apply every op; returns the name conflicts met (the other ops still ran)."""
+    conflicts = []
     for op in ops:
         if isinstance(op, Create):
-            create(apis, namespace, op.obj)
+            try:
+                create(apis, namespace, op.obj)
+            except NameConflict as e:
+                log.warning("%s: %s", namespace, e)
+                conflicts.append(e)
         elif isinstance(op, Patch):
             patch(apis, namespace, op)
         elif isinstance(op, Delete):
             delete(apis, namespace, op)
+    return conflicts
 
 
 def write_run_status(apis: Apis, run: dict, status: dict) -> None:
@@ -79,3 +132,10 @@ def write_run_status(apis: Apis, run: dict, status: dict) -> None:
     md = run["metadata"]
     apis.custom.replace_namespaced_custom_object_status(GROUP, VERSION, md["namespace"], RUN_PLURAL, md["name"],
                                                         body)
+
+
+def patch_run_conditions(apis: Apis, namespace: str, name: str, conditions: list[dict]) -> None:
+    """Merge-patch the run's status.conditions (the whole list), without a resourceVersion: how a reconcile
+    that raised after its status write records the error (reconcile.py)."""
+    apis.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, RUN_PLURAL, name,
+                                                      {"status": {"conditions": conditions}})

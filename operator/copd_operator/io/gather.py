@@ -12,7 +12,16 @@ import json
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from copd_operator.logic.naming import BRANCH_PLURAL, GROUP, LABEL_RUN, RUN_PLURAL, VERSION, pvc_name
+from copd_operator.logic.naming import (
+    ANNOTATION_RUN_UID,
+    BRANCH_PLURAL,
+    GROUP,
+    LABEL_RUN,
+    RUN_PLURAL,
+    VERSION,
+    RunKey,
+    pvc_name,
+)
 from copd_operator.logic.observe import Snapshot
 
 
@@ -23,6 +32,7 @@ class Apis:
         self.batch = client.BatchV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.scheduling = client.SchedulingV1Api(api_client)
+        self.networking = client.NetworkingV1Api(api_client)
 
 
 def _raw(call, *args, **kw) -> dict:
@@ -44,7 +54,25 @@ def _owned_by(obj: dict, uids: set[str]) -> bool:
     return any(r.get("uid") in uids for r in obj["metadata"].get("ownerReferences") or [])
 
 
-def gather(apis: Apis, namespace: str, name: str, trainer_service_account: str) -> Snapshot | None:
+def _read(call, *args) -> dict | None:
+    try:
+        return _raw(call, *args)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def _claim_of(pvc: dict | None, uid: str) -> dict | None:
+    """The operator-made claim, if it is this run's (owned, or annotated when kept by retainPolicy Retain)."""
+    if pvc is None:
+        return None
+    ours = _owned_by(pvc, {uid}) or (pvc["metadata"].get("annotations") or {}).get(ANNOTATION_RUN_UID) == uid
+    return pvc if ours else None
+
+
+def gather(apis: Apis, namespace: str, name: str, trainer_service_account: str,
+           network_policies: bool = True) -> Snapshot | None:
     try:
         run = _raw(apis.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, RUN_PLURAL, name)
     except ApiException as e:
@@ -68,15 +96,22 @@ def gather(apis: Apis, namespace: str, name: str, trainer_service_account: str) 
     services = {s["metadata"]["name"]: s
                 for s in _raw(apis.core.list_namespaced_service, namespace, label_selector=sel)["items"]
                 if _owned_by(s, {uid})}
+    policies = {p["metadata"]["name"]: p
+                for p in _raw(apis.networking.list_namespaced_network_policy, namespace, label_selector=sel)["items"]
+                if _owned_by(p, {uid})} if network_policies else {}
     spec = run.get("spec") or {}
     storage = spec.get("storage") or {}
     claim = storage.get("claimName")
-    snap = Snapshot(run=run, branches=branches, jobs=jobs, pods=pods, services=services)
+    snap = Snapshot(run=run, branches=branches, jobs=jobs, pods=pods, services=services,
+                    network_policies=policies)
     if claim:
         snap.pvc_exists = _exists(apis.core.read_namespaced_persistent_volume_claim, claim, namespace)
         snap.claim_missing = None if snap.pvc_exists else claim
     else:
-        snap.pvc_exists = _exists(apis.core.read_namespaced_persistent_volume_claim, pvc_name(name), namespace)
+        # someone else's claim under our name is not ours: the create then meets it (NameConflict)
+        snap.pvc = _claim_of(_read(apis.core.read_namespaced_persistent_volume_claim,
+                                   pvc_name(RunKey.of(run)), namespace), uid)
+        snap.pvc_exists = snap.pvc is not None
     pc = (spec.get("trainer") or {}).get("priorityClassName")
     if pc and not _exists(apis.scheduling.read_priority_class, pc):
         snap.priority_class_missing = pc

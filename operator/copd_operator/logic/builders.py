@@ -1,16 +1,19 @@
 """Pure `build_*` builders: manifests (plain dicts) for every child of a CoPDRun.
 
-    CoPDRun <run>
-     ├─ PersistentVolumeClaim <run>-storage         (unless spec.storage.claimName)
+    CoPDRun <run>                                  (every name below ends in -<h>: naming.py)
+     ├─ PersistentVolumeClaim <run>-storage         (unless spec.storage.claimName; owned by the run
+     │                                                only with spec.storage.retainPolicy Delete)
      ├─ Branch <run>-<branch>                       (one per spec branch)
      │    └─ Job <run>-<branch>-c<cycle>-<stage>    (trainer: `copd stage`, one per stage; patches the
      │                                                Branch's status.progress while it runs)
+     ├─ NetworkPolicy <run>-hub                     (only the run's trainers reach its hub; --network-policy)
      ├─ Pod + Service <run>-hub-c<cycle>            (during OPD only: `copd hub`)
      ├─ Job <run>-diagnose-c<cycle>                 (`copd diagnose`)
      └─ Job <run>-merge                             (`copd merge`)
 
-Every child carries an owner reference (deletion cascades) and the labels in
-naming.py (the gatherer lists by `copd.io/run`). Pods get the whole manifest in
+Every child but a retained claim carries an owner reference (deletion cascades) and the
+labels in naming.py (the gatherer lists by `copd.io/run`). Every pod passes the Pod
+Security Standards' `restricted` profile (`pod_security_context`, `container_security_context`). Pods get the whole manifest in
 env COPD_MANIFEST (`--manifest env:COPD_MANIFEST`: no ConfigMap to keep in sync)
 and the run's storage mounted at spec.storage.path. Each entry point writes its
 one-line JSON report to /dev/termination-log, which is how results come back.
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 
 from copd_core.spec import CoPDRunSpec, ResourceSpec
 from copd_operator.logic.naming import (
+    ANNOTATION_RUN_UID,
     API_TOKEN_EXPIRATION_S,
     API_TOKEN_VOLUME,
     BRANCH_KIND,
@@ -51,6 +55,7 @@ from copd_operator.logic.naming import (
     branch_cr_name,
     diagnose_job_name,
     hub_name,
+    hub_network_policy_name,
     hub_port_for,
     merge_job_name,
     pvc_name,
@@ -58,6 +63,8 @@ from copd_operator.logic.naming import (
 )
 
 EXIT_BAD_INPUT = 2  # `copd` exits 2 for a bad manifest/arguments: retrying cannot help
+TRAINER_UID = 65532  # the trainer image's user (trainer_image/Dockerfile: USER 65532:65532)
+R_NAME_CONFLICT = "NameConflict"  # a child's name is taken by an object another run (or someone) owns
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ class OperatorConfig:
     trainer_service_account: str = "copd-trainer"
     backoff_limit: int = 2
     extra_env: dict[str, str] = field(default_factory=dict)
+    network_policy: bool = True  # a NetworkPolicy per run: only its trainers reach its hub
 
 
 @dataclass(frozen=True)
@@ -107,11 +115,16 @@ def manifest_json(run: RunRef) -> str:
 
 
 def claim_name(run: RunRef) -> str:
-    return run.spec.storage.claim_name or pvc_name(run.name)
+    return run.spec.storage.claim_name or pvc_name(run)
 
 
 # ---------------------------------------------------------------------------
 # Storage and Branch objects
+
+
+def pvc_owner_refs(run: RunRef) -> list[dict]:
+    """retainPolicy Delete: the run owns its claim (deleted with it); Retain: nobody does (it stays)."""
+    return [run.owner] if run.spec.storage.retain_policy == "Delete" else []
 
 
 def build_pvc(run: RunRef) -> dict:
@@ -121,10 +134,25 @@ def build_pvc(run: RunRef) -> dict:
         spec["storageClassName"] = st.storage_class_name
     return {
         "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-        "metadata": {"name": pvc_name(run.name), "namespace": run.namespace,
-                     "labels": labels(run.name, "storage"), "ownerReferences": [run.owner]},
+        # the annotation names the run whatever the owner references say (a kept claim has none)
+        "metadata": {"name": pvc_name(run), "namespace": run.namespace, "labels": labels(run.name, "storage"),
+                     "annotations": {ANNOTATION_RUN_UID: run.uid}, "ownerReferences": pvc_owner_refs(run)},
         "spec": spec,
     }
+
+
+def made_for(existing: dict, wanted: dict) -> bool | None:
+    """Is `existing` (found under `wanted`'s name) the object we would have made, by owner?
+    True/False where `wanted` names an owner (an owner reference's uid, else the run-uid annotation);
+    None for shared children that no run owns (the trainer ServiceAccount, Events)."""
+    md, emd = wanted.get("metadata") or {}, existing.get("metadata") or {}
+    owners = {r["uid"] for r in md.get("ownerReferences") or []}
+    if owners:
+        return bool(owners & {r.get("uid") for r in emd.get("ownerReferences") or []})
+    uid = (md.get("annotations") or {}).get(ANNOTATION_RUN_UID)
+    if uid:
+        return (emd.get("annotations") or {}).get(ANNOTATION_RUN_UID) == uid
+    return None
 
 
 def build_branch(run: RunRef, branch: str, cycle: int = 0, stage: str | None = None,
@@ -136,7 +164,7 @@ def build_branch(run: RunRef, branch: str, cycle: int = 0, stage: str | None = N
         spec["hubUrl"] = hub_url
     return {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": BRANCH_KIND,
-        "metadata": {"name": branch_cr_name(run.name, branch), "namespace": run.namespace,
+        "metadata": {"name": branch_cr_name(run, branch), "namespace": run.namespace,
                      "labels": labels(run.name, "branch", branch=branch), "ownerReferences": [run.owner]},
         "spec": spec,
     }
@@ -174,13 +202,28 @@ def _container(run: RunRef, cfg: OperatorConfig, args: list[str], resources: dic
     return c
 
 
+def pod_security_context() -> dict:
+    """Pod Security Standards `restricted`: non-root, RuntimeDefault seccomp. fsGroup makes the run's
+    storage writable by the trainer's uid (OnRootMismatch: no recursive chown of a large claim each start)."""
+    return {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_UID, "fsGroup": TRAINER_UID,
+            "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security_context() -> dict:
+    """Pod Security Standards `restricted`: no privilege escalation, every capability dropped."""
+    return {"allowPrivilegeEscalation": False, "privileged": False, "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
 def _pod_spec(run: RunRef, cfg: OperatorConfig, container: dict, restart: str) -> dict:
     t = run.spec.trainer
+    container["securityContext"] = container_security_context()
     spec: dict = {
         "restartPolicy": restart,
         "serviceAccountName": cfg.trainer_service_account,
         # results travel in termination messages; only stage pods get a token (api_token_volume)
         "automountServiceAccountToken": False,
+        "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": [{"name": STORAGE_VOLUME, "persistentVolumeClaim": {"claimName": claim_name(run)}}],
     }
@@ -195,23 +238,40 @@ def _pod_spec(run: RunRef, cfg: OperatorConfig, container: dict, restart: str) -
     return spec
 
 
+def pod_failure_policy() -> dict:
+    """A bad manifest/input (exit 2) fails the Job at once; an eviction, preemption or drain (the pod's
+    DisruptionTarget condition) is not counted against backoffLimit; anything else retries from the
+    checkpoint."""
+    return {"rules": [
+        {"action": "FailJob", "onExitCodes": {
+            "containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
+def stage_deadline_s(spec: CoPDRunSpec, stage: str) -> int | None:
+    """spec.failurePolicy.stageDeadlineSeconds for a stage: RL, OPD, Diagnose or Merge."""
+    return getattr(spec.failure_policy.stage_deadline_seconds, stage.lower())
+
+
 def _job(run: RunRef, cfg: OperatorConfig, name: str, lab: dict, owner: dict, container: dict,
-         suspend: bool = False) -> dict:
-    return {
+         suspend: bool = False, deadline_s: int | None = None) -> dict:
+    job = {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": name, "namespace": run.namespace, "labels": lab, "ownerReferences": [owner]},
         "spec": {
             "backoffLimit": cfg.backoff_limit,
             "suspend": suspend,
-            # a bad manifest/argument (exit 2) fails the Job at once; anything else retries from the checkpoint
-            "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
-                "containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]}}]},
+            "podFailurePolicy": pod_failure_policy(),
             "template": {
                 "metadata": {"labels": lab},
                 "spec": _pod_spec(run, cfg, container, "Never"),
             },
         },
     }
+    if deadline_s:
+        job["spec"]["activeDeadlineSeconds"] = deadline_s
+    return job
 
 
 def api_token_volume() -> dict:
@@ -226,21 +286,22 @@ def api_token_volume() -> dict:
 
 
 def build_stage_job(run: RunRef, cfg: OperatorConfig, branch: str, branch_uid: str, cycle: int, stage: str,
-                    hub_url: str | None = None) -> dict:
+                    hub_url: str | None = None, attempt: int = 0) -> dict:
     """The trainer of one (branch, cycle, stage): `copd stage`, resuming from the newest checkpoint,
     reporting its progress live into its Branch's status (`--branch-object`, `--api-credentials`)."""
     args = ["stage", "--manifest", f"env:{MANIFEST_ENV}", "--storage", run.spec.storage.path,
             "--branch", branch, "--cycle", str(cycle), "--stage", stage,
             "--checkpoint-every", str(cfg.checkpoint_every), "--report-file", TERMINATION_LOG,
-            "--branch-object", branch_cr_name(run.name, branch), "--api-credentials", SA_DIR]
+            "--branch-object", branch_cr_name(run, branch), "--api-credentials", SA_DIR]
     if hub_url:
+        # a replaced hub pod may have another address: trainers re-read it from the storage (hub.py)
         args += ["--hub-url", hub_url]
     lab = labels(run.name, "trainer", branch=branch, cycle=cycle, stage=stage)
     container = _container(run, cfg, args, _resources(run.spec.trainer.resources))
     container["volumeMounts"].append({"name": API_TOKEN_VOLUME, "mountPath": SA_DIR, "readOnly": True})
-    job = _job(run, cfg, stage_job_name(run.name, branch, cycle, stage), lab,
-               owner_ref(BRANCH_KIND, branch_cr_name(run.name, branch), branch_uid), container,
-               suspend=run.spec.suspend)
+    job = _job(run, cfg, stage_job_name(run, branch, cycle, stage, attempt), lab,
+               owner_ref(BRANCH_KIND, branch_cr_name(run, branch), branch_uid), container,
+               suspend=run.spec.suspend, deadline_s=stage_deadline_s(run.spec, stage))
     job["spec"]["template"]["spec"]["volumes"].append(api_token_volume())
     return job
 
@@ -249,8 +310,8 @@ def build_diagnose_job(run: RunRef, cfg: OperatorConfig, cycle: int) -> dict:
     args = ["diagnose", "--manifest", f"env:{MANIFEST_ENV}", "--storage", run.spec.storage.path,
             "--cycle", str(cycle), "--report-file", TERMINATION_LOG]
     container = _container(run, cfg, args, _resources(run.spec.trainer.hub_resources))
-    return _job(run, cfg, diagnose_job_name(run.name, cycle), labels(run.name, "diagnose", cycle=cycle),
-                run.owner, container)
+    return _job(run, cfg, diagnose_job_name(run, cycle), labels(run.name, "diagnose", cycle=cycle),
+                run.owner, container, deadline_s=stage_deadline_s(run.spec, "Diagnose"))
 
 
 def merged_path(spec: CoPDRunSpec) -> str:
@@ -261,7 +322,8 @@ def build_merge_job(run: RunRef, cfg: OperatorConfig) -> dict:
     args = ["merge", "--manifest", f"env:{MANIFEST_ENV}", "--storage", run.spec.storage.path,
             "--output", merged_path(run.spec), "--report-file", TERMINATION_LOG]
     container = _container(run, cfg, args, _resources(run.spec.trainer.hub_resources, gpu=False))
-    return _job(run, cfg, merge_job_name(run.name), labels(run.name, "merge"), run.owner, container)
+    return _job(run, cfg, merge_job_name(run), labels(run.name, "merge"), run.owner, container,
+                deadline_s=stage_deadline_s(run.spec, "Merge"))
 
 
 def hub_port(run: RunRef, cfg: OperatorConfig, cycle: int) -> int:
@@ -277,9 +339,11 @@ def build_hub_pod(run: RunRef, cfg: OperatorConfig, cycle: int) -> dict:
     container = _container(run, cfg, args, _resources(run.spec.trainer.hub_resources),
                            ports=[{"name": "hub", "containerPort": port}])
     container["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": port}, "periodSeconds": 5}
+    # the hub publishes http://<its pod IP>:<port> in the storage once listening; trainers re-read it
+    container["env"].append({"name": "COPD_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
     return {
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": hub_name(run.name, cycle), "namespace": run.namespace, "labels": lab,
+        "metadata": {"name": hub_name(run, cycle), "namespace": run.namespace, "labels": lab,
                      "ownerReferences": [run.owner]},
         "spec": _pod_spec(run, cfg, container, "Always"),
     }
@@ -289,10 +353,28 @@ def build_hub_service(run: RunRef, cfg: OperatorConfig, cycle: int) -> dict:
     port = hub_port(run, cfg, cycle)
     return {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": hub_name(run.name, cycle), "namespace": run.namespace,
+        "metadata": {"name": hub_name(run, cycle), "namespace": run.namespace,
                      "labels": labels(run.name, "hub", cycle=cycle), "ownerReferences": [run.owner]},
         "spec": {"selector": {LABEL_RUN: run.name, LABEL_COMPONENT: "hub", LABEL_CYCLE: str(cycle)},
                  "ports": [{"name": "hub", "port": port, "targetPort": port}]},
+    }
+
+
+def build_hub_network_policy(run: RunRef) -> dict:
+    """Ingress to the run's hub pods (any cycle) only from the run's own trainer pods, only on the hub's
+    port (by name: the port differs by cycle in pod-ip mode). Inert where the network plugin ignores it."""
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": hub_network_policy_name(run), "namespace": run.namespace,
+                     "labels": labels(run.name, "hub"), "ownerReferences": [run.owner]},
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_RUN: run.name, LABEL_COMPONENT: "hub"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [{"podSelector": {"matchLabels": {LABEL_RUN: run.name, LABEL_COMPONENT: "trainer"}}}],
+                "ports": [{"protocol": "TCP", "port": "hub"}],
+            }],
+        },
     }
 
 
@@ -300,7 +382,7 @@ def hub_url(run: RunRef, cfg: OperatorConfig, cycle: int, pod_ip: str | None) ->
     """None while the address is not known yet (pod-ip mode, hub pod without an IP)."""
     port = hub_port(run, cfg, cycle)
     if cfg.hub_address == "service":
-        return f"http://{hub_name(run.name, cycle)}.{run.namespace}.svc:{port}"
+        return f"http://{hub_name(run, cycle)}.{run.namespace}.svc:{port}"
     return f"http://{pod_ip}:{port}" if pod_ip else None
 
 

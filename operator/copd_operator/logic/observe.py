@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from copd_core.conditions import R_CLAIM_NOT_FOUND, R_PRIORITY_CLASS_NOT_FOUND
 from copd_core.cycle import (
     TERMINAL,
     BranchReport,
@@ -64,6 +65,8 @@ class Snapshot:
     pods: list[dict] = field(default_factory=list)  # pods labelled with the run
     services: dict[str, dict] = field(default_factory=dict)
     pvc_exists: bool = False
+    pvc: dict | None = None  # the claim the operator made for this run (none with spec.storage.claimName)
+    network_policies: dict[str, dict] = field(default_factory=dict)  # the run's, by name
     claim_missing: str | None = None  # a spec.storage.claimName that does not exist
     priority_class_missing: str | None = None
     trainer_sa_exists: bool = True
@@ -128,7 +131,9 @@ def branch_report(spec: CoPDRunSpec, cycle: int, stage: Stage, outcome: JobOutco
         return None
     rep = outcome.report or {}
     if outcome.state == FAILED or rep.get("failed"):
-        return BranchReport(cycle, stage, failed=True, message=outcome.message or rep.get("message", ""))
+        # a reason from the trainer (e.g. InvalidInput) means retrying cannot help; none: replace the attempt
+        return BranchReport(cycle, stage, failed=True, message=outcome.message or rep.get("message", ""),
+                            reason=rep.get("reason"))
     if outcome.state == SUCCEEDED:
         return BranchReport(cycle, stage, step=int(rep.get("step", steps_of(spec, stage))),
                             reward=rep.get("reward"), done=bool(rep.get("done", True)),
@@ -140,7 +145,7 @@ def diagnose_report(cycle: int, outcome: JobOutcome | None) -> DiagnoseReport | 
     if outcome is None or outcome.state not in (SUCCEEDED, FAILED):
         return None
     if outcome.state == FAILED:
-        return DiagnoseReport(cycle, failed=True, message=outcome.message)
+        return DiagnoseReport(cycle, failed=True, message=outcome.message, reason=(outcome.report or {}).get("reason"))
     report = outcome.report or {}
     # compact rows [student, teacher, overlap, symmetric KL] (`copd diagnose`; for large meshes only
     # each student's extremes, which is all the readiness test needs), or the older list of dicts
@@ -154,27 +159,36 @@ def merge_report(outcome: JobOutcome | None, default_path: str) -> MergeReport |
     if outcome is None or outcome.state not in (SUCCEEDED, FAILED):
         return None
     if outcome.state == FAILED:
-        return MergeReport(failed=True, message=outcome.message)
+        return MergeReport(failed=True, message=outcome.message, reason=(outcome.report or {}).get("reason"))
     # the path inside the run's storage as pods see it (a node may report its own local path)
     return MergeReport(done=True, path=default_path)
 
 
-def invalid_spec(snap: Snapshot) -> str | None:
-    """What the apiserver cannot judge but makes the run impossible."""
+def blocked(snap: Snapshot) -> tuple[str, str] | None:
+    """What the run waits on (reason, message): objects the spec names that do not exist yet. Transient:
+    the run continues once they are created, never fails for them."""
     problems = []
     if snap.claim_missing:
-        problems.append(f"storage.claimName: PersistentVolumeClaim {snap.claim_missing!r} not found")
+        problems.append((R_CLAIM_NOT_FOUND,
+                         f"storage.claimName: PersistentVolumeClaim {snap.claim_missing!r} not found"))
     if snap.priority_class_missing:
-        problems.append(f"trainer.priorityClassName: PriorityClass {snap.priority_class_missing!r} not found")
-    return "; ".join(problems) or None
+        problems.append((R_PRIORITY_CLASS_NOT_FOUND,
+                         f"trainer.priorityClassName: PriorityClass {snap.priority_class_missing!r} not found"))
+    return (problems[0][0], "; ".join(m for _, m in problems)) if problems else None
+
+
+def attempt_of(status: RunStatus, branch: str) -> int:
+    """The stage attempt of a branch whose Job counts now (spec.failurePolicy: replacements get new Jobs)."""
+    b = status.branches.get(branch)
+    return b.attempt if b is not None else 0
 
 
 def observe(spec: CoPDRunSpec, status: RunStatus, snap: Snapshot) -> Observed:
-    run = snap.run["metadata"]["name"]
+    run = naming.RunKey.of(snap.run)
     branches: dict[str, BranchReport] = {}
     if status.phase == Phase.RUNNING and status.stage in (Stage.RL, Stage.OPD):
         for b in spec.branches:
-            job = naming.stage_job_name(run, b.name, status.cycle, status.stage.value)
+            job = naming.stage_job_name(run, b.name, status.cycle, status.stage.value, attempt_of(status, b.name))
             rep = branch_report(spec, status.cycle, status.stage,
                                 job_outcome(snap.jobs.get(job), snap.pods_of_job(job)))
             if rep is not None:
@@ -187,7 +201,7 @@ def observe(spec: CoPDRunSpec, status: RunStatus, snap: Snapshot) -> Observed:
     if status.phase == Phase.MERGING:
         job = naming.merge_job_name(run)
         merge = merge_report(job_outcome(snap.jobs.get(job), snap.pods_of_job(job)), merged_path(spec))
-    return Observed(branches=branches, diagnose=diag, merge=merge, invalid_spec=invalid_spec(snap))
+    return Observed(branches=branches, diagnose=diag, merge=merge, blocked=blocked(snap))
 
 
 def live_progress(progress: dict | None, cycle: int, stage: str | None) -> BranchProgress | None:

@@ -5,7 +5,9 @@ restarted operator, or the same reconcile run twice, plans the same idempotent
 operations. Creates of existing names are skipped here and tolerated (409) by act.
 
     children wanted                    when
-    PVC <run>-storage                  no spec.storage.claimName, until the run ends
+    PVC <run>-storage                  no spec.storage.claimName, until the run ends; its owner references
+                                       follow spec.storage.retainPolicy (Delete: the run; Retain: none)
+    NetworkPolicy <run>-hub            --network-policy (default), until the run ends
     Branch <run>-<b>  (spec, status)   created until the run ends, then kept in step; spec = (cycle, stage)
                                        the run wants (a new Branch's status comes with the next reconcile);
                                        status.progress is the trainer's: merged, never replaced
@@ -40,6 +42,7 @@ from copd_operator.logic.builders import (
     build_branch,
     build_diagnose_job,
     build_event,
+    build_hub_network_policy,
     build_hub_pod,
     build_hub_service,
     build_merge_job,
@@ -47,6 +50,7 @@ from copd_operator.logic.builders import (
     build_stage_job,
     hub_url,
     labels,
+    pvc_owner_refs,
 )
 from copd_operator.logic.naming import (
     LABEL_COMPONENT,
@@ -56,7 +60,7 @@ from copd_operator.logic.naming import (
     merge_job_name,
     stage_job_name,
 )
-from copd_operator.logic.observe import FAILED, SUCCEEDED, Snapshot, branch_cr_status, job_outcome
+from copd_operator.logic.observe import FAILED, SUCCEEDED, Snapshot, attempt_of, branch_cr_status, job_outcome
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,13 @@ def current_hub(status: RunStatus) -> int | None:
     return None
 
 
+def hub_gone(pod: dict) -> bool:
+    """A hub pod that will never serve again: evicted/failed/ended (a pod's restartPolicy cannot bring it
+    back) or being deleted. The planner replaces it; trainers retry and re-resolve its address."""
+    return bool(pod["metadata"].get("deletionTimestamp")) or \
+        (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
+
+
 def _stage_now(status: RunStatus) -> str | None:
     """The RL/OPD stage whose trainer Jobs should be running, if any."""
     return status.stage.value if status.phase == Phase.RUNNING and status.stage in (Stage.RL, Stage.OPD) else None
@@ -123,14 +134,14 @@ def _stage_now(status: RunStatus) -> str | None:
 def branch_statuses(run: RunRef, status: RunStatus, snap: Snapshot, generation: int) -> dict[str, dict]:
     """The status each existing Branch object should have, by branch: the run's view, its stage Job's
     state and its trainer's live progress folded in (without `progress` itself, the trainer's key)."""
-    spec, name = run.spec, run.name
+    spec = run.spec
     stage_now = _stage_now(status)
     out = {}
     for b in spec.branches:
         cr = snap.branches.get(b.name)
         if cr is None:
             continue
-        job = stage_job_name(name, b.name, status.cycle, stage_now) if stage_now else None
+        job = stage_job_name(run, b.name, status.cycle, stage_now, attempt_of(status, b.name)) if stage_now else None
         outcome = job_outcome(snap.jobs.get(job), snap.pods_of_job(job)) if job else None
         out[b.name] = branch_cr_status(status, b.name, steps_of(spec, Stage(stage_now)) if stage_now else 0,
                                        outcome, job if job in snap.jobs else None, generation,
@@ -145,12 +156,19 @@ def _finished(job: dict) -> bool:
 
 def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, snap: Snapshot,
          now: datetime, generation: int) -> list[Op]:
-    spec, name = run.spec, run.name
+    spec = run.spec
     ops: list[Op] = []
 
     # -- storage and the trainer identity -------------------------------------------
     if spec.storage.claim_name is None and not snap.pvc_exists and status.phase not in TERMINAL:
         ops.append(Create(build_pvc(run)))
+    if spec.storage.claim_name is None and snap.pvc is not None:
+        owners = pvc_owner_refs(run)  # retainPolicy may change while the run lives: the claim follows
+        if (snap.pvc["metadata"].get("ownerReferences") or []) != owners:
+            ops.append(Patch("PersistentVolumeClaim", snap.pvc["metadata"]["name"],
+                             {"metadata": {"ownerReferences": owners or None}}))
+    if cfg.network_policy and not snap.network_policies and status.phase not in TERMINAL:
+        ops.append(Create(build_hub_network_policy(run)))  # before any hub pod exists
     if not snap.trainer_sa_exists:
         ops.append(Create(build_trainer_service_account(run, cfg)))
 
@@ -158,14 +176,18 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
     hub_cycle = current_hub(status)
     url = None
     if hub_cycle is not None:
-        hub = hub_name(name, hub_cycle)
+        hub = hub_name(run, hub_cycle)
         pod = snap.pod(hub)
-        if pod is None:
+        if pod is not None and hub_gone(pod):  # evicted, failed or being deleted: replace it
+            if not pod["metadata"].get("deletionTimestamp"):
+                ops.append(Delete("Pod", hub))
+            pod = None  # created again once the old one has gone (its deletion is a pod event)
+        elif pod is None:
             ops.append(Create(build_hub_pod(run, cfg, hub_cycle)))
         if cfg.hub_address == "service" and hub not in snap.services:
             ops.append(Create(build_hub_service(run, cfg, hub_cycle)))
         url = hub_url(run, cfg, hub_cycle, ((pod or {}).get("status") or {}).get("podIP"))
-    wanted_hub = hub_name(name, hub_cycle) if hub_cycle is not None else None
+    wanted_hub = hub_name(run, hub_cycle) if hub_cycle is not None else None
     for p in snap.pods:
         labels_ = p["metadata"].get("labels") or {}
         if labels_.get(LABEL_COMPONENT) == "hub" and p["metadata"]["name"] != wanted_hub \
@@ -196,7 +218,7 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
     events = []
     for a in actions:
         if isinstance(a, RunBranchStage):
-            job = stage_job_name(name, a.branch, a.cycle, a.stage.value)
+            job = stage_job_name(run, a.branch, a.cycle, a.stage.value, a.attempt)
             existing = snap.jobs.get(job)
             if existing is not None:
                 if (existing.get("spec") or {}).get("suspend") and not spec.suspend:
@@ -206,15 +228,15 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
             if cr is None or (a.stage == Stage.OPD and url is None):
                 continue  # next reconcile: the Branch (created above) / the hub's address is not known yet
             ops.append(Create(build_stage_job(run, cfg, a.branch, cr["metadata"]["uid"], a.cycle, a.stage.value,
-                                              hub_url=url if a.stage == Stage.OPD else None)))
+                                              hub_url=url if a.stage == Stage.OPD else None, attempt=a.attempt)))
         elif isinstance(a, RunDiagnose):
-            job = diagnose_job_name(name, a.cycle)
+            job = diagnose_job_name(run, a.cycle)
             if job not in snap.jobs:
                 ops.append(Create(build_diagnose_job(run, cfg, a.cycle)))
             elif (snap.jobs[job].get("spec") or {}).get("suspend"):
                 ops.append(Patch("Job", job, {"spec": {"suspend": False}}))
         elif isinstance(a, RunMerge):
-            job = merge_job_name(name)
+            job = merge_job_name(run)
             if job not in snap.jobs:
                 ops.append(Create(build_merge_job(run, cfg)))
             elif (snap.jobs[job].get("spec") or {}).get("suspend"):

@@ -6,6 +6,7 @@ import copy
 
 import yaml
 from copd_operator.logic.builders import OperatorConfig, RunRef
+from copd_operator.logic.naming import RunKey, branch_cr_name
 from copd_operator.logic.observe import Snapshot
 
 from copd_core.spec import parse_manifest
@@ -16,10 +17,13 @@ def example_doc() -> dict:
     return yaml.safe_load((ROOT / "examples/copdrun.yaml").read_text())
 
 
+DEMO = RunKey("demo", "uid-run")  # the identity run_ref() gives: child names are naming.py's of it
+
+
 def run_ref(**spec_updates) -> RunRef:
     doc = example_doc()
     doc["spec"].update(spec_updates)
-    return RunRef("demo", "ns", "uid-run", parse_manifest(doc).spec)
+    return RunRef(DEMO.name, "ns", DEMO.uid, parse_manifest(doc).spec)
 
 
 class JobB:
@@ -59,7 +63,7 @@ class SnapB:
         self.snap = Snapshot(run={"metadata": {"name": run.name, "namespace": run.namespace, "uid": run.uid}},
                              pvc_exists=True)
         for b in run.spec.branches:
-            self.snap.branches[b.name] = {"metadata": {"name": f"{run.name}-{b.name}", "uid": f"uid-{b.name}"},
+            self.snap.branches[b.name] = {"metadata": {"name": branch_cr_name(run, b.name), "uid": f"uid-{b.name}"},
                                           "spec": {}, "status": {}}
 
     def job(self, jb: JobB) -> SnapB:

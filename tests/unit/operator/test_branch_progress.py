@@ -8,11 +8,12 @@ import pytest
 from copd_operator import reconcile as rec
 from copd_operator.crd import branch_crd
 from copd_operator.logic import observe as ob
+from copd_operator.logic.naming import branch_cr_name, stage_job_name
 from copd_operator.logic.plan import Patch, branch_statuses, plan, replacing
 
 from copd_core.cycle import BranchStatus, Observed, Phase, RunStatus, Stage, decide
 from copd_core.metrics import CoPDMetrics
-from tests.unit.operator.builders_test_helpers import CFG, JobB, SnapB, example_doc, run_ref
+from tests.unit.operator.builders_test_helpers import CFG, DEMO, JobB, SnapB, example_doc, run_ref
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -48,16 +49,16 @@ def branch_patches(ops) -> dict[str, dict]:
 
 def test_progress_of_the_current_stage_moves_step_and_reward_and_is_kept():
     run, st = running()
-    old = {"phase": "Running", "cycle": 1, "stage": "RL", "step": 0, "steps": 6, "job": "demo-arith-c1-rl",
+    old = {"phase": "Running", "cycle": 1, "stage": "RL", "step": 0, "steps": 6, "job": stage_job_name(DEMO, "arith", 1, "RL"),
            "observedGeneration": 1, "progress": progress(step=4, reward=0.5)}
-    snap = snap_with(run, {"arith": old}, jobs=[JobB("demo-arith-c1-rl").active()])
+    snap = snap_with(run, {"arith": old}, jobs=[JobB(stage_job_name(DEMO, "arith", 1, "RL")).active()])
     ops = plan(run, CFG, st, [], snap, NOW, 1)
-    body = branch_patches(ops)["demo-arith"]
+    body = branch_patches(ops)[branch_cr_name(DEMO, "arith")]
     assert body["step"] == 4 and body["reward"] == 0.5 and body["phase"] == "Running"
     assert "progress" not in body  # a merge patch that neither rewrites nor nulls the trainer's key
     # once the operator's part is as wanted, nothing is written: the trainer's progress alone is no diff
     snap.branches["arith"]["status"] = {**body, "progress": progress(step=4, reward=0.5)}
-    assert "demo-arith" not in branch_patches(plan(run, CFG, st, [], snap, NOW, 1))
+    assert branch_cr_name(DEMO, "arith") not in branch_patches(plan(run, CFG, st, [], snap, NOW, 1))
 
 
 def test_step_is_the_larger_of_progress_and_stage_report_and_the_report_reward_wins():
@@ -86,7 +87,7 @@ def test_progress_of_another_stage_or_malformed_is_ignored_and_still_kept(stale)
     old = {"phase": "Pending", "cycle": 1, "stage": "OPD", "step": 0, "steps": 4, "observedGeneration": 1,
            "progress": stale}
     snap = snap_with(run, {"arith": old})
-    body = branch_patches(plan(run, CFG, st, [], snap, NOW, 1)).get("demo-arith", {})
+    body = branch_patches(plan(run, CFG, st, [], snap, NOW, 1)).get(branch_cr_name(DEMO, "arith"), {})
     assert body.get("step", 0) == 0 and "progress" not in body
 
 
@@ -123,18 +124,18 @@ def test_reconcile_writes_the_live_step_and_the_metrics_follow(monkeypatch):
     run_status = RunStatus(phase=Phase.RUNNING, cycle=1, stage=Stage.RL, stage_start_time="2026-01-01T00:00:00Z",
                            branches={b.name: BranchStatus(cycle=1, stage="RL") for b in run.spec.branches})
     snap = snap_with(run, {"arith": {"phase": "Running", "progress": progress(step=4, reward=0.5)}},
-                     jobs=[JobB(f"demo-{b.name}-c1-rl").active() for b in run.spec.branches])
+                     jobs=[JobB(stage_job_name(DEMO, b.name, 1, "RL")).active() for b in run.spec.branches])
     snap.run = {"apiVersion": doc["apiVersion"], "kind": doc["kind"],
                 "metadata": {"name": "demo", "namespace": "ns", "uid": "uid-run", "generation": 1},
                 "spec": doc["spec"], "status": run_status.to_k8s()}
     applied = []
-    monkeypatch.setattr(rec, "gather", lambda apis, ns, name, sa: snap)
+    monkeypatch.setattr(rec, "gather", lambda apis, ns, name, sa, **kw: snap)
     monkeypatch.setattr(rec, "write_run_status", lambda apis, r, body: None)
-    monkeypatch.setattr(rec, "apply_ops", lambda apis, ns, ops: applied.extend(ops))
+    monkeypatch.setattr(rec, "apply_ops", lambda apis, ns, ops: applied.extend(ops) or [])
     monkeypatch.setattr(rec, "create", lambda apis, ns, obj: None)
     metrics = CoPDMetrics()
     rec.Reconciler(None, CFG, metrics, clock=lambda: NOW).reconcile("ns", "demo")  # type: ignore[arg-type]
-    body = branch_patches(applied)["demo-arith"]
+    body = branch_patches(applied)[branch_cr_name(DEMO, "arith")]
     assert body["step"] == 4 and "progress" not in body
     sample = lambda name, b: metrics.registry.get_sample_value(name, {"namespace": "ns", "run": "demo",  # noqa: E731
                                                                        "branch": b})

@@ -1,14 +1,22 @@
 import json
 
 from copd_operator.logic import builders
-from copd_operator.logic.naming import dns_name, hub_port_for, stage_job_name
+from copd_operator.logic.naming import (
+    branch_cr_name,
+    dns_name,
+    hub_name,
+    hub_port_for,
+    pvc_name,
+    stage_job_name,
+)
 
 from copd_core.spec import Toleration, parse_manifest
-from tests.unit.operator.builders_test_helpers import CFG, run_ref
+from tests.unit.operator.builders_test_helpers import CFG, DEMO, run_ref
 
 
 def test_names_are_deterministic_and_fit_a_dns_label():
-    assert stage_job_name("demo", "arith", 2, "OPD") == "demo-arith-c2-opd"
+    assert stage_job_name(DEMO, "arith", 2, "OPD") == stage_job_name(DEMO, "arith", 2, "OPD")
+    assert stage_job_name(DEMO, "arith", 2, "OPD").startswith("demo-arith-c2-opd-")
     long = dns_name("r" * 53, "b" * 40, "c12", "OPD")
     assert len(long) <= 63 and long == dns_name("r" * 53, "b" * 40, "c12", "OPD")
     assert 10000 <= hub_port_for("ns", "demo", 1) < 20000
@@ -21,7 +29,7 @@ def test_stage_job_carries_gpu_scheduling_and_the_manifest():
     run.spec.trainer.priority_class_name = "training"
     run.spec.trainer.image_pull_secrets = ["regcred"]
     job = builders.build_stage_job(run, CFG, "arith", "uid-arith", 1, "OPD", hub_url="http://1.2.3.4:9")
-    assert job["metadata"]["name"] == "demo-arith-c1-opd"
+    assert job["metadata"]["name"] == stage_job_name(DEMO, "arith", 1, "OPD")
     assert job["metadata"]["ownerReferences"][0]["kind"] == "Branch"
     pod = job["spec"]["template"]["spec"]
     c = pod["containers"][0]
@@ -37,7 +45,7 @@ def test_stage_job_carries_gpu_scheduling_and_the_manifest():
     doc = json.loads(env["COPD_MANIFEST"])
     assert parse_manifest(doc).spec == run.spec  # the pod runs exactly the spec the operator decided on
     assert c["volumeMounts"][0] == {"name": "storage", "mountPath": "/copd"}
-    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "demo-storage"
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == pvc_name(DEMO)
 
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -57,9 +65,9 @@ def test_only_stage_pods_get_a_short_lived_token_and_name_their_branch():
     assert sources[1]["configMap"] == {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
     assert sources[2]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"] == "metadata.namespace"
     args = c["args"]
-    assert args[args.index("--branch-object") + 1] == "demo-arith"  # the Branch that owns the Job
+    assert args[args.index("--branch-object") + 1] == branch_cr_name(DEMO, "arith")  # the Branch that owns the Job
     assert args[args.index("--api-credentials") + 1] == SA_DIR  # explicit: the process node rewrites it
-    assert job["metadata"]["ownerReferences"][0]["name"] == "demo-arith"
+    assert job["metadata"]["ownerReferences"][0]["name"] == branch_cr_name(DEMO, "arith")
     others = [builders.build_hub_pod(run, CFG, 1)["spec"],
               builders.build_diagnose_job(run, CFG, 1)["spec"]["template"]["spec"],
               builders.build_merge_job(run, CFG)["spec"]["template"]["spec"]]
@@ -91,7 +99,7 @@ def test_pvc_reuses_claim_or_is_created_from_storage():
 def test_hub_address_modes():
     run = run_ref()
     svc_cfg = builders.OperatorConfig(hub_address="service")
-    assert builders.hub_url(run, svc_cfg, 2, None) == "http://demo-hub-c2.ns.svc:8000"
+    assert builders.hub_url(run, svc_cfg, 2, None) == f"http://{hub_name(DEMO, 2)}.ns.svc:8000"
     assert builders.hub_url(run, CFG, 2, None) is None
     port = hub_port_for("ns", "demo", 2)
     assert builders.hub_url(run, CFG, 2, "127.0.0.1") == f"http://127.0.0.1:{port}"

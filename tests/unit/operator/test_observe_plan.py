@@ -5,6 +5,13 @@ from datetime import UTC, datetime
 
 import pytest
 from copd_operator.logic import observe as ob
+from copd_operator.logic.naming import (
+    branch_cr_name,
+    diagnose_job_name,
+    hub_name,
+    merge_job_name,
+    stage_job_name,
+)
 from copd_operator.logic.plan import Create, Delete, Patch, plan
 
 from copd_core.cycle import (
@@ -18,7 +25,7 @@ from copd_core.cycle import (
     StopWork,
     decide,
 )
-from tests.unit.operator.builders_test_helpers import CFG, JobB, SnapB, run_ref
+from tests.unit.operator.builders_test_helpers import CFG, DEMO, JobB, SnapB, run_ref
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 STAGE_REPORT = json.dumps({"branch": "arith", "cycle": 1, "stage": "RL", "step": 9, "done": True,
@@ -70,10 +77,17 @@ def test_diagnose_report_parses_the_compact_rows_copd_diagnose_writes():
         (3, "a", "b", 0.91, 0.2), (3, "b", "a", 0.8, 0.4)]
 
 
-def test_invalid_spec_names_the_field():
+@pytest.mark.parametrize("claim, pc, want", [
+    (None, None, None),
+    ("nope", None, ("ClaimNotFound", "storage.claimName")),
+    (None, "hi", ("PriorityClassNotFound", "trainer.priorityClassName")),
+    ("nope", "hi", ("ClaimNotFound", "storage.claimName")),
+])
+def test_missing_objects_block_the_run_naming_the_field(claim, pc, want):
     snap = SnapB().obj()
-    snap.claim_missing = "nope"
-    assert ob.invalid_spec(snap).startswith("storage.claimName")
+    snap.claim_missing, snap.priority_class_missing = claim, pc
+    got = ob.blocked(snap)
+    assert (got is None) if want is None else (got[0] == want[0] and got[1].startswith(want[1]))
 
 
 def _running(stage=Stage.RL, cycle=1, done=()):
@@ -95,14 +109,14 @@ def test_pending_run_creates_one_job_per_branch_and_an_event():
     status, actions = decide(run.spec, RunStatus(), ob.observe(run.spec, RunStatus(), snap), NOW, 1)
     ops = plan(run, CFG, status, actions, snap, NOW, 1)
     jobs = [o.obj["metadata"]["name"] for o in ops if isinstance(o, Create) and o.obj["kind"] == "Job"]
-    assert jobs == ["demo-arith-c1-rl", "demo-reverse-c1-rl", "demo-maxbox-c1-rl"]
+    assert jobs == [stage_job_name(DEMO, "arith", 1, "RL"), stage_job_name(DEMO, "reverse", 1, "RL"), stage_job_name(DEMO, "maxbox", 1, "RL")]
     assert isinstance(ops[-1], Create) and ops[-1].obj["kind"] == "Event"
 
 
 def test_existing_jobs_are_not_created_again():
     run, st = _running()
-    snap = SnapB(run).job(JobB("demo-arith-c1-rl").active()).job(JobB("demo-reverse-c1-rl").active()) \
-        .job(JobB("demo-maxbox-c1-rl").active()).obj()
+    snap = SnapB(run).job(JobB(stage_job_name(DEMO, "arith", 1, "RL")).active()).job(JobB(stage_job_name(DEMO, "reverse", 1, "RL")).active()) \
+        .job(JobB(stage_job_name(DEMO, "maxbox", 1, "RL")).active()).obj()
     ops = plan(run, CFG, st, [RunBranchStage(b.name, 1, Stage.RL) for b in run.spec.branches], snap, NOW, 1)
     assert not [o for o in ops if isinstance(o, Create) and o.obj["kind"] == "Job"]
 
@@ -111,9 +125,9 @@ def test_opd_waits_for_the_hub_ip_in_pod_ip_mode_then_uses_it():
     run, st = _running(Stage.OPD)
     acts = [RunBranchStage("arith", 1, Stage.OPD)]
     ops = plan(run, CFG, st, acts, SnapB(run).obj(), NOW, 1)
-    assert ("Create", "Pod", "demo-hub-c1") in _kinds(ops)
+    assert ("Create", "Pod", hub_name(DEMO, 1)) in _kinds(ops)
     assert not [o for o in ops if isinstance(o, Create) and o.obj["kind"] == "Job"]
-    hub = {"metadata": {"name": "demo-hub-c1", "labels": {"copd.io/component": "hub"}},
+    hub = {"metadata": {"name": hub_name(DEMO, 1), "labels": {"copd.io/component": "hub"}},
            "status": {"podIP": "127.0.0.1"}}
     ops = plan(run, CFG, st, acts, SnapB(run).pod(hub).obj(), NOW, 1)
     job = next(o.obj for o in ops if isinstance(o, Create) and o.obj["kind"] == "Job")
@@ -123,39 +137,39 @@ def test_opd_waits_for_the_hub_ip_in_pod_ip_mode_then_uses_it():
 
 def test_hub_of_another_stage_is_deleted():
     run, st = _running(Stage.DIAGNOSE)
-    hub = {"metadata": {"name": "demo-hub-c1", "labels": {"copd.io/component": "hub"}}, "status": {}}
+    hub = {"metadata": {"name": hub_name(DEMO, 1), "labels": {"copd.io/component": "hub"}}, "status": {}}
     ops = plan(run, CFG, st, [RunDiagnose(1)], SnapB(run).pod(hub).obj(), NOW, 1)
-    assert ("Delete", "Pod", "demo-hub-c1") in _kinds(ops)
-    assert ("Create", "Job", "demo-diagnose-c1") in _kinds(ops)
+    assert ("Delete", "Pod", hub_name(DEMO, 1)) in _kinds(ops)
+    assert ("Create", "Job", diagnose_job_name(DEMO, 1)) in _kinds(ops)
 
 
 def test_suspend_pauses_unfinished_jobs_and_resume_unpauses():
     run, st = _running()
     st.phase = Phase.SUSPENDED
-    snap = SnapB(run).job(JobB("demo-arith-c1-rl").active()).job(JobB("demo-reverse-c1-rl").succeeded("")).obj()
+    snap = SnapB(run).job(JobB(stage_job_name(DEMO, "arith", 1, "RL")).active()).job(JobB(stage_job_name(DEMO, "reverse", 1, "RL")).succeeded("")).obj()
     ops = plan(run, CFG, st, [StopWork("Suspended")], snap, NOW, 1)
     assert [o for o in ops if isinstance(o, Patch) and o.kind == "Job"] == \
-        [Patch("Job", "demo-arith-c1-rl", {"spec": {"suspend": True}})]
+        [Patch("Job", stage_job_name(DEMO, "arith", 1, "RL"), {"spec": {"suspend": True}})]
     run2, st2 = _running()
-    snap2 = SnapB(run2).job(JobB("demo-arith-c1-rl").suspended()).obj()
+    snap2 = SnapB(run2).job(JobB(stage_job_name(DEMO, "arith", 1, "RL")).suspended()).obj()
     ops = plan(run2, CFG, st2, [RunBranchStage("arith", 1, Stage.RL)], snap2, NOW, 1)
-    assert Patch("Job", "demo-arith-c1-rl", {"spec": {"suspend": False}}) in ops
+    assert Patch("Job", stage_job_name(DEMO, "arith", 1, "RL"), {"spec": {"suspend": False}}) in ops
 
 
 def test_terminal_run_deletes_unfinished_jobs():
     run, st = _running()
     st.phase, st.stage = Phase.FAILED, None
-    snap = SnapB(run).job(JobB("demo-arith-c1-rl").active()).job(JobB("demo-reverse-c1-rl").succeeded("")).obj()
+    snap = SnapB(run).job(JobB(stage_job_name(DEMO, "arith", 1, "RL")).active()).job(JobB(stage_job_name(DEMO, "reverse", 1, "RL")).succeeded("")).obj()
     ops = plan(run, CFG, st, [], snap, NOW, 1)
-    assert [o for o in ops if isinstance(o, Delete)] == [Delete("Job", "demo-arith-c1-rl")]
+    assert [o for o in ops if isinstance(o, Delete)] == [Delete("Job", stage_job_name(DEMO, "arith", 1, "RL"))]
 
 
 def test_merge_job_once():
     run = run_ref()
     st = RunStatus(phase=Phase.MERGING, cycle=4)
-    assert ("Create", "Job", "demo-merge") in _kinds(plan(run, CFG, st, [RunMerge(False)], SnapB(run).obj(), NOW, 1))
-    snap = SnapB(run).job(JobB("demo-merge").active()).obj()
-    assert ("Create", "Job", "demo-merge") not in _kinds(plan(run, CFG, st, [RunMerge(False)], snap, NOW, 1))
+    assert ("Create", "Job", merge_job_name(DEMO)) in _kinds(plan(run, CFG, st, [RunMerge(False)], SnapB(run).obj(), NOW, 1))
+    snap = SnapB(run).job(JobB(merge_job_name(DEMO)).active()).obj()
+    assert ("Create", "Job", merge_job_name(DEMO)) not in _kinds(plan(run, CFG, st, [RunMerge(False)], snap, NOW, 1))
 
 
 def test_kwok_walk_through_every_cycle_reaches_succeeded():
@@ -177,7 +191,7 @@ def test_kwok_walk_through_every_cycle_reaches_succeeded():
             break
     assert status.phase == Phase.SUCCEEDED and status.cycle == run.spec.schedule.cycles
     assert status.merged_model == "/copd/merged"
-    assert f"demo-diagnose-c{run.spec.schedule.cycles}" in snap.jobs
+    assert diagnose_job_name(DEMO, run.spec.schedule.cycles) in snap.jobs
 
 
 def test_branch_cr_status_phases():
@@ -213,9 +227,9 @@ def test_missing_branches_are_planned_as_creates_and_their_jobs_wait(missing, ph
     assert [b["spec"]["branch"] for b in branches] == list(missing)
     assert all(b["spec"]["cycle"] == 1 and b["spec"]["stage"] == "RL" for b in branches)  # what the run wants
     assert all(b["metadata"]["ownerReferences"][0]["uid"] == run.uid for b in branches)
-    assert jobs == {f"demo-{b.name}-c1-rl" for b in run.spec.branches if b.name not in missing}
+    assert jobs == {stage_job_name(DEMO, b.name, 1, "RL") for b in run.spec.branches if b.name not in missing}
     assert not [o for o in ops if isinstance(o, Patch) and o.kind == "Branch" and o.name in
-                {f"demo-{b}" for b in missing}]
+                {branch_cr_name(DEMO, b) for b in missing}]
 
 
 def test_kwok_walk_through_from_no_branches_creates_each_object_once():
@@ -249,4 +263,4 @@ def test_kwok_walk_through_from_no_branches_creates_each_object_once():
             break
     assert status.phase == Phase.SUCCEEDED
     assert len(made) == len(set(made))
-    assert made[:3] == ["demo-arith", "demo-reverse", "demo-maxbox"]
+    assert made[:3] == [branch_cr_name(DEMO, "arith"), branch_cr_name(DEMO, "reverse"), branch_cr_name(DEMO, "maxbox")]

@@ -6,10 +6,11 @@ from datetime import UTC, datetime
 
 import pytest
 from copd_operator import reconcile as rec
+from copd_operator.logic.naming import branch_cr_name, stage_job_name
 from copd_operator.logic.plan import Create
 
 from copd_core.metrics import CoPDMetrics
-from tests.unit.operator.builders_test_helpers import CFG, SnapB, example_doc, run_ref
+from tests.unit.operator.builders_test_helpers import CFG, DEMO, SnapB, example_doc, run_ref
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -17,9 +18,9 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 class FakeCluster:
     def __init__(self, monkeypatch, snap):
         self.snap, self.status_writes, self.applied, self.created = snap, [], [], []
-        monkeypatch.setattr(rec, "gather", lambda apis, ns, name, sa: self.snap)
+        monkeypatch.setattr(rec, "gather", lambda apis, ns, name, sa, **kw: self.snap)
         monkeypatch.setattr(rec, "write_run_status", lambda apis, run, body: self.status_writes.append(body))
-        monkeypatch.setattr(rec, "apply_ops", lambda apis, ns, ops: self.applied.extend(ops))
+        monkeypatch.setattr(rec, "apply_ops", lambda apis, ns, ops: self.applied.extend(ops) or [])
         monkeypatch.setattr(rec, "create", lambda apis, ns, obj: self.created.append(obj))
 
     def reconciler(self) -> rec.Reconciler:
@@ -74,10 +75,10 @@ def test_a_new_run_gets_its_branches_then_at_once_its_jobs(monkeypatch):
     c = FakeCluster(monkeypatch, snap)
     r = c.reconciler()
     assert r.reconcile("ns", "demo") is rec.AGAIN
-    assert c.kinds("Branch") == ["demo-arith", "demo-reverse", "demo-maxbox"] and c.kinds("Job") == []
+    assert c.kinds("Branch") == [branch_cr_name(DEMO, "arith"), branch_cr_name(DEMO, "reverse"), branch_cr_name(DEMO, "maxbox")] and c.kinds("Job") == []
     # the Branches exist now (the requeued pass sees them, with their uids)
     snap.branches.update(SnapB(run).obj().branches)
     snap.run["status"] = c.status_writes[-1]
     c.applied.clear()
     assert r.reconcile("ns", "demo") is rec.DONE
-    assert c.kinds("Job") == ["demo-arith-c1-rl", "demo-reverse-c1-rl", "demo-maxbox-c1-rl"]
+    assert c.kinds("Job") == [stage_job_name(DEMO, "arith", 1, "RL"), stage_job_name(DEMO, "reverse", 1, "RL"), stage_job_name(DEMO, "maxbox", 1, "RL")]
