@@ -166,8 +166,10 @@ build_alertmanager() {
 
 comps=("$@"); [[ ${#comps[@]} -gt 0 ]] || comps=("${ALL[@]}")
 mkdir -p "$CACHE/bin" "$CACHE/src"
-exec 9>"$CACHE/build.lock"
-flock 9   # one build at a time (CI, pytest and a shell may all call `up`)
+# One build at a time (CI, pytest and a shell may all call `up`). Not build.lock: scripts/setup.sh runs
+# `flock build.lock build.sh`, and a second open of the file that lock is held on would wait forever.
+exec 9>"$CACHE/build.sh.lock"
+flock 9
 
 for c in "${comps[@]}"; do
   dir="$(bindir "$c")"
