@@ -381,7 +381,10 @@ def run_collapse_scenario(env: dict, namespace: str, log_dir: Path, timeout_s: f
     run = "diverging"
     blocked_ns = f"{namespace}-quota"[:63]
     kubectl(env, "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    kubectl(env, "wait", "--for", "condition=Established", "--timeout", "60s", "crd/copdruns.copd.io")
+    # a CRD just created has no status.conditions yet and `kubectl wait` fails at once then: poll it
+    wait_for(lambda: kubectl(env, "wait", "--for", "condition=Established", "--timeout", "5s",
+                             "crd/copdruns.copd.io", "crd/branches.copd.io", check=False).returncode == 0,
+             60, "the CoPD CRDs established", interval=0.5)
     quota_blocked_namespace(env, blocked_ns)
     op = OperatorProcess(env, [namespace, blocked_ns], log_dir / f"operator-{namespace}.log")
     stage = report_stage(namespace, run)
