@@ -238,33 +238,38 @@ def diverging_run(name: str, cycles: int = 3) -> dict:
     return doc
 
 
-def reports(run: str, cycles: int = 3) -> dict[str, dict]:
-    """The JSON report of each stage Job of `run`, by Job name, as `copd stage|diagnose` print them."""
-    from copd_operator.logic.naming import diagnose_job_name, stage_job_name
+def report_key(component: str, branch: str = "", cycle: object = "", stage: str = "") -> str:
+    """How the Stage's template finds a pod's report: from the labels the operator puts on every pod."""
+    return f"{component}/{branch}/{cycle}/{stage}"
 
-    sched = diverging_run(run, cycles)["spec"]["schedule"]
+
+def reports(cycles: int = 3) -> dict[str, dict]:
+    """The JSON report each stage pod of the run ends with, as `copd stage|diagnose` print them,
+    by report_key of the pod's labels (copd.io/component, branch, cycle, stage)."""
+    sched = diverging_run("x", cycles)["spec"]["schedule"]
     out = {}
     for c in range(1, cycles + 1):
         for b in BRANCHES:
             for stage, steps in (("RL", sched["rlStepsPerCycle"]), ("OPD", sched["opdStepsPerCycle"])):
                 reward = REWARDS[b][c] if stage == "RL" else round(REWARDS[b][c] * 0.9, 3)
-                out[stage_job_name(run, b, c, stage)] = {"branch": b, "cycle": c, "stage": stage, "step": steps,
-                                                         "done": True, "reward": reward, "message": ""}
+                out[report_key("trainer", b, c, stage)] = {"branch": b, "cycle": c, "stage": stage, "step": steps,
+                                                           "done": True, "reward": reward, "message": ""}
         rows = [[s, t, o, k] for s, t, o, k in DIRECTIONS[c]]
-        out[diagnose_job_name(run, c)] = {"cycle": c, "directions": rows, "total": len(rows)}
+        out[report_key("diagnose", cycle=c)] = {"cycle": c, "directions": rows, "total": len(rows)}
     return out
 
 
-def report_stage(namespace: str, run: str, cycles: int = 3) -> dict:
-    """A KWOK Stage that completes the Job pods of `namespace` with their run's reports as termination
+def report_stage(namespace: str, cycles: int = 3) -> dict:
+    """A KWOK Stage that completes the Job pods of `namespace` with their reports as termination
     messages. Weight 1 beats the cluster's pod-complete Stage (weight 0) for these pods only."""
-    pairs = " ".join(f'"{job}" `{json.dumps(rep, separators=(",", ":"))}`'
-                     for job, rep in reports(run, cycles).items())
+    pairs = " ".join(f'"{key}" `{json.dumps(rep, separators=(",", ":"))}`' for key, rep in reports(cycles).items())
+    label = ' | default "") ('.join(f'index $l "copd.io/{k}"' for k in ("component", "branch", "cycle", "stage"))
     template = (
         "{{ $now := Now }}\n"
         f"{{{{ $reports := dict {pairs} }}}}\n"
-        '{{ $job := index .metadata.labels "batch.kubernetes.io/job-name" | default "" }}\n'
-        "{{ $msg := get $reports $job }}\n"
+        "{{ $l := .metadata.labels }}\n"
+        f'{{{{ $key := printf "%s/%s/%s/%s" ({label} | default "") }}}}\n'
+        "{{ $msg := get $reports $key }}\n"
         "conditions:\n"
         "- lastTransitionTime: {{ $now | Quote }}\n  status: \"False\"\n  reason: PodCompleted\n  type: Ready\n"
         "- lastTransitionTime: {{ $now | Quote }}\n  status: \"False\"\n  reason: PodCompleted\n"
@@ -387,7 +392,7 @@ def run_collapse_scenario(env: dict, namespace: str, log_dir: Path, timeout_s: f
              60, "the CoPD CRDs established", interval=0.5)
     quota_blocked_namespace(env, blocked_ns)
     op = OperatorProcess(env, [namespace, blocked_ns], log_dir / f"operator-{namespace}.log")
-    stage = report_stage(namespace, run)
+    stage = report_stage(namespace)
     try:
         kubectl(env, "apply", "-f", "-", input=yaml.safe_dump(stage))
         op.start()
