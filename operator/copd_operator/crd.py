@@ -92,7 +92,14 @@ RUN_SPEC_RULES: dict[tuple[str, ...], list[dict]] = {
         },
     ],
     ("storage",): [
-        {"rule": "self == oldSelf", "message": "storage: immutable once the run exists"},
+        {   # all but retainPolicy, which decides only what deleting the run does (the claim follows it)
+            "rule": "self.path == oldSelf.path && self.size == oldSelf.size && self.accessMode == oldSelf.accessMode"
+                    " && has(self.claimName) == has(oldSelf.claimName)"
+                    " && (!has(self.claimName) || self.claimName == oldSelf.claimName)"
+                    " && has(self.storageClassName) == has(oldSelf.storageClassName)"
+                    " && (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)",
+            "message": "storage: immutable once the run exists, but for retainPolicy",
+        },
     ],
     ("seed",): [
         {"rule": "self == oldSelf", "message": "seed: immutable once the run exists"},

@@ -72,7 +72,8 @@ def test_operator_kwok_run_walks_every_cycle_to_merge(cluster, namespace, tmp_pa
         conds = {c["type"]: c for c in st["conditions"]}
         assert conds["Succeeded"]["status"] == "True" and conds["MergeReady"]["status"] == "False"
         jobs = {j.metadata.name: j for j in api.jobs(namespace)}
-        assert "demo-merge" in jobs and jobs["demo-merge"].metadata.owner_references[0].kind == "CoPDRun"
+        (merge,) = [j for j in jobs.values() if j.metadata.labels["copd.io/component"] == "merge"]
+        assert merge.metadata.owner_references[0].kind == "CoPDRun"
         assert len(jobs) == cycles * (3 * 2 + 1) + 1, sorted(jobs)
         assert_no_duplicate_children(api, namespace)
 

@@ -81,7 +81,8 @@ def test_operator_process_node_trains_scores_and_merges(cluster, namespace, tmp_
 
         # the merge Job wrote a model from_pretrained loads
         assert st["mergedModel"] == "/copd/merged"
-        merged = cluster.procnode_workdir / "pvc" / namespace / "tiny-storage" / "merged"
+        (claim,) = api.core.list_namespaced_persistent_volume_claim(namespace, label_selector="copd.io/run=tiny").items
+        merged = cluster.procnode_workdir / "pvc" / namespace / claim.metadata.name / "merged"
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(merged)
