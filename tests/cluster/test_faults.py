@@ -7,6 +7,7 @@ support.report). KWOK GPU nodes complete pods without running them; the process 
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -158,8 +159,19 @@ def test_hub_deleted_mid_opd_is_recreated_and_the_run_succeeds(cluster, namespac
             return p is not None and p.metadata.uid != old.metadata.uid and \
                 any(c.ready for c in p.status.container_statuses or []) and p
         new = wait_for(new_hub_ready, 300, "a new hub pod, ready", interval=0.5)
-        recovered = time.monotonic() - t
         assert new.metadata.name == old.metadata.name
+        # serving again: the new hub publishes its address once its teachers are loaded and it listens
+        (claim,) = api.core.list_namespaced_persistent_volume_claim(namespace, label_selector="copd.io/run=hubdel").items
+        address = cluster.procnode_workdir / "pvc" / namespace / claim.metadata.name / "hub" / "cycle-001.json"
+        wall_t = time.time() - (time.monotonic() - t)
+
+        def published() -> bool:
+            try:
+                return json.loads(address.read_text())["time"] > wall_t
+            except (OSError, ValueError, KeyError):
+                return False
+        wait_for(published, 300, "the new hub to publish its address", interval=0.5)
+        recovered = time.monotonic() - t
         st = wait_end(api, namespace, "hubdel", 600, op)
         assert st["phase"] == "Succeeded", (st, op.tail())
         assert st.get("restarts", 0) == 0
