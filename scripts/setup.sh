@@ -8,7 +8,7 @@
 #   3. the Kubernetes test binaries (etcd, kube-*, kwok, helm, promtool), built
 #      from Go modules by hack/cluster/build.sh into the cache (shared: they are
 #      keyed by version and hold no code of ours).
-# Safe to run twice at once: the venv sync and the Go build each hold a lock.
+# Safe to run twice at once: the venv sync and the Go build (build.sh) each hold a lock.
 # Skip step 3 with COPD_SKIP_CLUSTER_BUILD=1 (e.g. to run only `copd run`).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -59,6 +59,6 @@ flock "$ROOT/.setup.lock" "$UV" sync --frozen --extra dev --python "$PY" --quiet
 # -- 3. the Kubernetes test binaries --------------------------------------------------
 if [[ "${COPD_SKIP_CLUSTER_BUILD:-0}" != 1 ]]; then
   echo "[setup] building the Kubernetes test binaries (cold: ~10-40 min on 2 cores; cached after)" >&2
-  flock "$CACHE/build.lock" hack/cluster/build.sh
+  hack/cluster/build.sh  # holds its own lock: two set-ups at once build each component once
 fi
 echo "[setup] done. Next: source .venv/bin/activate" >&2

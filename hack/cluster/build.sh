@@ -166,8 +166,7 @@ build_alertmanager() {
 
 comps=("$@"); [[ ${#comps[@]} -gt 0 ]] || comps=("${ALL[@]}")
 mkdir -p "$CACHE/bin" "$CACHE/src"
-# One build at a time (CI, pytest and a shell may all call `up`). Not build.lock: scripts/setup.sh runs
-# `flock build.lock build.sh`, and a second open of the file that lock is held on would wait forever.
+# One build at a time (CI, pytest, scripts/setup.sh and a shell may all call it).
 exec 9>"$CACHE/build.sh.lock"
 flock 9
 
