@@ -115,3 +115,23 @@ def test_only_the_named_branches_are_checked(tmp_path):
         {"path": good_jsonl(tmp_path)}, {"path": str(tmp_path / "missing.jsonl")}]).read_text()))
     assert [p.field for p in check_inputs(m.spec, tmp_path)] == ["spec.branches[1].dataset.path"]
     assert check_inputs(m.spec, tmp_path, branches=["b0"]) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["stage", "--branch", "b0", "--cycle", "1", "--stage", "RL"],
+    ["diagnose", "--cycle", "1"],
+    ["merge"],
+    ["hub", "--cycle", "1", "--port", "0"],
+])
+def test_pod_entry_points_refuse_bad_input_with_an_invalid_input_report(argv, tmp_path):
+    """In a pod the report is the termination message: the operator fails the run with reason InvalidInput
+    (exit 2 is a FailJob rule, so the Job is not retried)."""
+    path = manifest(tmp_path, datasets=[{"path": "missing.jsonl"}, {"builtin": "reverse"}])
+    storage, rep = tmp_path / "storage", tmp_path / "termination-log"
+    storage.mkdir()
+    r = subprocess.run([COPD, *argv, "--manifest", str(path), "--storage", str(storage), "--report-file", str(rep)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    report = json.loads(rep.read_text())
+    assert report["failed"] and report["reason"] == "InvalidInput"
+    assert report["field"] == "spec.branches[0].dataset.path" and "no such file" in report["message"]
