@@ -1,6 +1,6 @@
 """Admission on the real apiserver: the generated schema + CEL rules accept the example exactly as
 `copd run` does and refuse every manifest of tests/malformed.py with a message naming the field; what only the operator
-can judge ends as a Failed condition."""
+can judge (a claim that does not exist yet) ends as a Blocked condition."""
 
 from __future__ import annotations
 
@@ -50,11 +50,15 @@ def test_immutable_fields_and_operator_judged_spec(cluster, namespace, tmp_path)
 
     op = Operator(cluster, namespace, tmp_path).start()
     try:
-        st = wait_for(lambda: (s := api.run(namespace, "demo").get("status") or {}).get("phase") == "Failed" and s,
-                      60, "Failed")
-        failed = next(c for c in st["conditions"] if c["type"] == "Failed")
-        assert failed["status"] == "True" and failed["reason"] == "InvalidSpec"
-        assert "storage.claimName" in failed["message"] and "no-such-claim" in failed["message"]
+        # a missing claim is transient: the run waits on it (condition Blocked), it does not fail
+        def blocked_status():
+            s = api.run(namespace, "demo").get("status") or {}
+            return any(c["type"] == "Blocked" and c["status"] == "True" for c in s.get("conditions") or []) and s
+
+        st = wait_for(blocked_status, 60, "Blocked")
+        blocked = next(c for c in st["conditions"] if c["type"] == "Blocked")
+        assert blocked["reason"] == "ClaimNotFound" and st.get("phase", "Pending") == "Pending"
+        assert "storage.claimName" in blocked["message"] and "no-such-claim" in blocked["message"]
         assert not api.jobs(namespace)
     finally:
         op.stop()
