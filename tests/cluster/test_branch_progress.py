@@ -65,7 +65,11 @@ def test_kubectl_get_branches_w_shows_live_steps_on_the_process_node(cluster, na
     try:
         t_apply = apply_doc(cluster, namespace, live_run())
         branches = [b["name"] for b in live_run()["spec"]["branches"]]
-        jobs = {b: f"{RUN}-{b}-c1-rl" for b in branches}
+
+        def rl_job(b: str, by_labels: list):  # children's names carry a hash of the run's uid: find by labels
+            return next((j for j in by_labels if (j.metadata.labels or {}).get("copd.io/branch") == b
+                         and (j.metadata.labels or {}).get("copd.io/cycle") == "1"
+                         and (j.metadata.labels or {}).get("copd.io/stage") == "RL"), None)
 
         # -- while the RL Jobs run: poll the Branches (and the gauge), each read before its Job's ----------
         seen: dict[str, list[int]] = {b: [] for b in branches}  # steps read while that branch's Job ran
@@ -75,11 +79,11 @@ def test_kubectl_get_branches_w_shows_live_steps_on_the_process_node(cluster, na
         def poll() -> bool:
             steps = {o["spec"]["branch"]: (o.get("status") or {}) for o in api.branches(namespace)}
             text = op.metrics() or ""
-            by_name = {j.metadata.name: j for j in api.jobs(namespace)}
+            all_jobs = api.jobs(namespace)
             for b in branches:
                 st = steps.get(b) or {}
                 g = metric(text, "copd_branch_step", namespace=namespace, run=RUN, branch=b)
-                job = by_name.get(jobs[b])
+                job = rl_job(b, all_jobs)
                 if b in finished or job is None:
                     continue
                 if job_done(job):  # read after the Branch: everything recorded above preceded the end
@@ -104,6 +108,7 @@ def test_kubectl_get_branches_w_shows_live_steps_on_the_process_node(cluster, na
         assert st["phase"] == "Succeeded", (st, op.tail())
         wall = time.monotonic() - t_apply
         objs = {o["spec"]["branch"]: o["status"] for o in api.branches(namespace)}
+        cr_name = {o["spec"]["branch"]: o["metadata"]["name"] for o in api.branches(namespace)}
         for b, peer in zip(branches, reversed(branches), strict=True):
             s = objs[b]
             assert s["phase"] == "Succeeded" and s["step"] == OPD_STEPS, s
@@ -136,11 +141,11 @@ def test_kubectl_get_branches_w_shows_live_steps_on_the_process_node(cluster, na
     text = watch_log.read_text()
     rl = watch_steps(text, "RL")
     for b in branches:
-        values = rl.get(f"{RUN}-{b}", [])
+        values = rl.get(cr_name[b], [])
         assert len({v for v in values if 0 < v < RL_STEPS}) >= 2, (b, values, text[-3000:])
         assert values == sorted(values), (b, values)
     report("branch-progress", wall_s=round(wall, 1), rl_steps=RL_STEPS,
            rl_steps_polled_live={b: sorted({s for s in seen[b] if 0 < s < RL_STEPS}) for b in branches},
-           rl_steps_in_watch={b: sorted(set(rl.get(f"{RUN}-{b}", []))) for b in branches},
+           rl_steps_in_watch={b: sorted(set(rl.get(cr_name[b], []))) for b in branches},
            rl_stage_s={b: round(finished[b] - t_apply, 1) for b in branches},
            patches_sent={name: n["sent"] for name, n in sent.items()})
