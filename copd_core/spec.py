@@ -269,6 +269,22 @@ class TrainerSpec(_Model):
     tolerations: list[Toleration] = Field(default_factory=list)
     priority_class_name: str | None = None
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for every pod.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="Numeric precision of the models in trainers, the hub and diagnose: `bf16` (weights and "
+        "activations in bfloat16; trainers keep fp32 master weights and AdamW state), `fp32`, or `auto` "
+        "(bf16 where the process has a CUDA GPU, fp32 on CPU).",
+    )
+    nodes: int = Field(
+        1, ge=1, le=64,
+        description="Pods per branch stage. Each pod runs `torchrun` with one process per GPU "
+        "(`resources.gpu`); more than one pod makes the stage an Indexed Job whose pods meet through a "
+        "headless Service (c10d rendezvous) and restart together.",
+    )
+    zero_stage: Literal[2, 3] = Field(
+        2, description="DeepSpeed ZeRO stage of a trainer that runs more than one process (gpu > 1 or "
+        "nodes > 1): 2 shards optimizer state and gradients, 3 also the weights.",
+    )
 
 
 class StageDeadlinesSpec(_Model):

@@ -69,10 +69,10 @@ def save_checkpoint(storage: Path, branch: str, policy: Policy, optimizer, count
     with atomic_dir(final) as tmp:
         save_policy(policy, tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(
-            {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-            tmp / "rng.pt",
-        )
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state()  # this rank's device
+        torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(counters)))
     _gc(storage, branch, keep)
     return final
@@ -89,8 +89,17 @@ def _gc(storage: Path, branch: str, keep: int) -> None:
 
 
 def load_optimizer_and_rng(ckpt: Path, optimizer) -> None:
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
-    rng = torch.load(ckpt / "rng.pt", weights_only=False)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False, map_location=_device_of(optimizer)))
+    rng = torch.load(ckpt / "rng.pt", weights_only=False, map_location="cpu")
     torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
+
+
+def _device_of(optimizer) -> torch.device:
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            return p.device
+    return torch.device("cpu")

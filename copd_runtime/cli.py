@@ -260,7 +260,9 @@ def hub(
     _torch_threads()
     spec = m.spec
     snaps = {b.name: stage_start_model(spec, storage, b.name, cycle, "OPD") for b in spec.branches}
-    h = InProcessHub(snaps, spec.rl.temperature, spec.base_model.kind)
+    from copd_runtime.models.device import placement
+
+    h = InProcessHub(snaps, spec.rl.temperature, spec.base_model.kind, placement(spec.trainer.precision))
     for name in snaps:
         h.teacher(name)
     server = make_server(h, host, port)  # listening from here on, teachers loaded: ready

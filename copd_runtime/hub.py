@@ -38,15 +38,18 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from copd_runtime.data.examples import Example
+from copd_runtime.models.device import CPU_FP32, Placement
 from copd_runtime.models.policy import Policy, load_policy
 from copd_runtime.rollout import Rollout, teacher_scores
 
 
 class InProcessHub:
-    def __init__(self, teacher_dirs: dict[str, Path], temperature: float, kind: str = "auto"):
+    def __init__(self, teacher_dirs: dict[str, Path], temperature: float, kind: str = "auto",
+                 placement: Placement = CPU_FP32):
         self.teacher_dirs = {k: Path(v) for k, v in teacher_dirs.items()}
         self.temperature = temperature
         self.kind = kind
+        self.placement = placement
         self._teachers: dict[str, Policy] = {}
         self._lock = threading.Lock()
         self.requests = 0
@@ -57,7 +60,7 @@ class InProcessHub:
             if name not in self._teachers:
                 if name not in self.teacher_dirs:
                     raise KeyError(f"hub has no teacher {name!r} (has {sorted(self.teacher_dirs)})")
-                p = load_policy(self.teacher_dirs[name], self.kind)
+                p = load_policy(self.teacher_dirs[name], self.kind, self.placement)
                 p.model.requires_grad_(False)
                 self._teachers[name] = p
             return self._teachers[name]
@@ -66,7 +69,8 @@ class InProcessHub:
         policy = self.teacher(teacher)
         self.requests += 1
         self.tokens += int(rollout.response_mask.sum())
-        return teacher_scores(policy, rollout, self.temperature, k, query_ids)
+        out = teacher_scores(policy, rollout, self.temperature, k, query_ids)
+        return {n: v.to(rollout.device) for n, v in out.items()}
 
 
 # ---------------------------------------------------------------------------

@@ -43,8 +43,21 @@ class Rollout:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    def to(self, device: torch.device | str) -> Rollout:
+        """The same rows with every tensor on `device` (itself when already there)."""
+        device = torch.device(device)
+        if self.input_ids.device == device:
+            return self
+        return Rollout(self.examples, self.input_ids.to(device), self.attention_mask.to(device),
+                       self.response_mask.to(device), self.old_logprobs.to(device), self.truncated.to(device),
+                       self.responses, {k: v.to(device) for k, v in self.vision.items()})
+
     def select(self, rows: list[int]) -> Rollout:
-        idx = torch.tensor(rows, dtype=torch.long)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
         return Rollout(
             examples=[self.examples[i] for i in rows],
             input_ids=self.input_ids[idx],
@@ -84,18 +97,22 @@ def select_vision(vision: dict[str, torch.Tensor], examples: list[Example], rows
             n = sum(per_item[item_start[r] : item_start[r] + c])
             patches.extend(range(patch_start[r], patch_start[r] + n))
         if items:  # rows without any image (video) carry no image (video) tensors at all
-            out[grid] = g[torch.tensor(items, dtype=torch.long)]
-            out[pix] = vision[pix][torch.tensor(patches, dtype=torch.long)]
+            out[grid] = g[torch.tensor(items, dtype=torch.long, device=g.device)]
+            out[pix] = vision[pix][torch.tensor(patches, dtype=torch.long, device=g.device)]
     return out
 
 
 def encode_prompts(policy: Policy, examples: list[Example]) -> dict[str, torch.Tensor]:
-    """Left-padded prompt ids (+ vision tensors for a VLM)."""
+    """Left-padded prompt ids (+ vision tensors for a VLM), on the policy's device; pixel
+    values in the policy's dtype."""
     if policy.is_vlm:
-        return encode_vlm_prompts(policy.processor, examples)
-    tok = policy.tokenizer
-    tok.padding_side = "left"
-    return dict(tok([e.prompt for e in examples], return_tensors="pt", padding=True, add_special_tokens=False))
+        enc = encode_vlm_prompts(policy.processor, examples)
+    else:
+        tok = policy.tokenizer
+        tok.padding_side = "left"
+        enc = dict(tok([e.prompt for e in examples], return_tensors="pt", padding=True, add_special_tokens=False))
+    dev, dtype = policy.device, policy.model.dtype
+    return {k: v.to(dev, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in enc.items()}
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -182,6 +199,7 @@ def spread_N_L(values_M: torch.Tensor, r: Rollout) -> torch.Tensor:
 def response_logprobs(policy: Policy, r: Rollout, temperature: float) -> torch.Tensor:
     """log π(y_j | y_<j) of every response token [N, L], 0 elsewhere; differentiable.
     The one code for π_old, the student update and the teacher's scores."""
+    r = r.to(policy.device)
     hidden = response_hidden_M_H(policy, r)
     targets = r.input_ids[:, 1:][predicts_response_N_L(r)]
     return spread_N_L(token_logprobs_M(lm_head_of(policy), hidden, targets, temperature), r)
@@ -221,16 +239,17 @@ def sample(
     N, R = gen.shape
     # response tokens: up to and including the first EOS
     is_eos = gen == policy.eos_id
-    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full((N,), R))
-    resp_mask = (torch.arange(R).unsqueeze(0) <= first_eos.unsqueeze(1)).long()
-    resp_mask &= (torch.arange(R).unsqueeze(0) < R).long()
+    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full((N,), R, device=gen.device))
+    steps = torch.arange(R, device=gen.device).unsqueeze(0)
+    resp_mask = (steps <= first_eos.unsqueeze(1)).long()
+    resp_mask &= (steps < R).long()
     truncated = ~is_eos.any(1)
     input_ids = torch.cat([prompt_ids, gen], 1)
     attention_mask = torch.cat([prompt_mask, resp_mask], 1)
     response_mask = torch.cat([torch.zeros_like(prompt_mask), resp_mask], 1).float()
     texts = policy.tokenizer.batch_decode(gen * resp_mask + policy.pad_id * (1 - resp_mask),
                                           skip_special_tokens=True)
-    r = Rollout(examples, input_ids, attention_mask, response_mask, torch.zeros(response_mask.shape), truncated,
+    r = Rollout(examples, input_ids, attention_mask, response_mask, torch.zeros_like(response_mask), truncated,
                 texts, enc)
     if logprobs:
         r.old_logprobs = response_logprobs(policy, r, 1.0 if greedy else temperature)
@@ -244,6 +263,9 @@ def teacher_scores(policy: Policy, r: Rollout, temperature: float, k: int, query
     (optionally) its log-probs at `query_ids` [N, L, Q] (the student's own top-k, for the
     bucketed KL); [N, L, ...], zero outside the response."""
     policy.model.eval()
+    r = r.to(policy.device)
+    if query_ids is not None:
+        query_ids = query_ids.to(policy.device)
     head = lm_head_of(policy)
     hidden = response_hidden_M_H(policy, r)
     at = predicts_response_N_L(r)

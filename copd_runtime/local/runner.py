@@ -46,6 +46,7 @@ from copd_runtime.checkpoint import latest_checkpoint
 from copd_runtime.hub import InProcessHub
 from copd_runtime.local.plots import plot_run
 from copd_runtime.model_uri import resolve_model_dir
+from copd_runtime.models.device import placement
 from copd_runtime.recipes.diagnose import diagnose
 from copd_runtime.recipes.evaluate import evaluate_all
 from copd_runtime.recipes.merge import merge_dirs
@@ -86,6 +87,7 @@ class LocalRun:
         self._datasets = None
         self._rewards: dict[str, float] = {}
         self.manifest = manifest
+        self.placement = placement(self.spec.trainer.precision)
 
     # -- files ---------------------------------------------------------------
 
@@ -161,7 +163,7 @@ class LocalRun:
         from copd_runtime.recipes.stage import stage_start_model
 
         snapshots = {b.name: stage_start_model(self.spec, self.out, b.name, cycle, "OPD") for b in self.spec.branches}
-        hub = InProcessHub(snapshots, self.spec.rl.temperature, self.spec.base_model.kind)
+        hub = InProcessHub(snapshots, self.spec.rl.temperature, self.spec.base_model.kind, self.placement)
         for name in snapshots:  # freeze now: peers' checkpoints move on while students train
             hub.teacher(name)
         return hub
@@ -229,7 +231,7 @@ class LocalRun:
             branches[name] = {
                 "reward_first": sum(first) / len(first) if first else None,
                 "reward_last": sum(last) / len(last) if last else None,
-                "eval": evaluate_all(load_policy(d, self.spec.base_model.kind), self.datasets, mnt),
+                "eval": evaluate_all(load_policy(d, self.spec.base_model.kind, self.placement), self.datasets, mnt),
             }
         cond = next((c for c in status.conditions if c.type == COND_MERGE_READY), None)
         merged = self.out / "merged"
@@ -237,7 +239,7 @@ class LocalRun:
             "ready": status.merge_ready,
             "reason": f"{cond.reason}: {cond.message}" if cond else "",
             "path": str(merged) if (merged / "config.json").exists() else None,
-            "eval": (evaluate_all(load_policy(merged, self.spec.base_model.kind), self.datasets, mnt)
+            "eval": (evaluate_all(load_policy(merged, self.spec.base_model.kind, self.placement), self.datasets, mnt)
                      if (merged / "config.json").exists() else {}),
         }
         completed = max((d["cycle"] for d in diags), default=0)

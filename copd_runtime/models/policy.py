@@ -19,6 +19,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from copd_runtime.models.device import CPU_FP32, Placement
+
 hf_logging.disable_progress_bar()  # one bar per checkpoint load/save drowns the run's own progress
 hf_logging.set_verbosity_error()
 
@@ -31,6 +33,10 @@ class Policy:
     @property
     def is_vlm(self) -> bool:
         return self.processor is not None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @property
     def eos_id(self) -> int:
@@ -46,17 +52,18 @@ def _is_vlm_config(cfg) -> bool:
     return getattr(cfg, "vision_config", None) is not None
 
 
-def load_policy(path: str | Path, kind: str = "auto", dtype: torch.dtype = torch.float32) -> Policy:
+def load_policy(path: str | Path, kind: str = "auto", placement: Placement = CPU_FP32) -> Policy:
+    """The model in `placement.dtype` on `placement.device` (the CPU in fp32 by default)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
     cfg = AutoConfig.from_pretrained(path)
     vlm = kind == "vlm" or (kind == "auto" and _is_vlm_config(cfg))
     if vlm:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=placement.dtype).to(placement.device)
         processor = AutoProcessor.from_pretrained(path)
         return Policy(model=model, tokenizer=processor.tokenizer, processor=processor)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=placement.dtype).to(placement.device)
     return Policy(model=model, tokenizer=AutoTokenizer.from_pretrained(path))
 
 

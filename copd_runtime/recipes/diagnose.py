@@ -24,6 +24,7 @@ from copd_core.seeding import step_seed
 from copd_core.spec import CoPDRunSpec
 from copd_runtime.data.examples import Dataset
 from copd_runtime.maths.diagnostics import alignment_M
+from copd_runtime.models.device import Placement, placement
 from copd_runtime.models.policy import Policy, load_policy
 from copd_runtime.rollout import lm_head_of, response_hidden_M_H, sample
 
@@ -37,14 +38,16 @@ def measure_direction(student: Policy, teacher: Policy, probe, k: int, max_new_t
     rollout = sample(student, probe, max_new_tokens, temperature, logprobs=False)
     teacher.model.eval()
     overlap, skl = alignment_M(lm_head_of(student), response_hidden_M_H(student, rollout),
-                               lm_head_of(teacher), response_hidden_M_H(teacher, rollout), temperature, k)
+                               lm_head_of(teacher), response_hidden_M_H(teacher, rollout.to(teacher.device)).to(
+                                   student.device), temperature, k)
     if overlap.numel() == 0:
         return float("nan"), float("nan")
     return float(overlap.mean()), float(skl.mean())
 
 
-def diagnose(spec: CoPDRunSpec, model_dirs: dict[str, Path], datasets: dict[str, Dataset], cycle: int
-             ) -> list[DirectionDiagnostic]:
+def diagnose(spec: CoPDRunSpec, model_dirs: dict[str, Path], datasets: dict[str, Dataset], cycle: int,
+             place: Placement | None = None) -> list[DirectionDiagnostic]:
+    place = place or placement(spec.trainer.precision)
     loaded: dict[str, Policy] = {}  # least recently used first
 
     def policy(name: str) -> Policy:
@@ -53,7 +56,7 @@ def diagnose(spec: CoPDRunSpec, model_dirs: dict[str, Path], datasets: dict[str,
         else:
             while len(loaded) >= MAX_LOADED:
                 loaded.pop(next(iter(loaded)))
-            loaded[name] = load_policy(model_dirs[name], spec.base_model.kind)
+            loaded[name] = load_policy(model_dirs[name], spec.base_model.kind, place)
         return loaded[name]
 
     out = []

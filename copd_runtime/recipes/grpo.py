@@ -33,6 +33,7 @@ from copd_core.spec import RLSpec, TruncationRule
 from copd_runtime.data.examples import Dataset, Example
 from copd_runtime.data.rewards import score
 from copd_runtime.maths.losses import clipped_pg_loss, group_advantages_P_G
+from copd_runtime.models.optim import clip_grad_norm
 from copd_runtime.models.policy import Policy
 from copd_runtime.rollout import Rollout, response_logprobs, sample
 
@@ -42,7 +43,8 @@ RewardFn = Callable[[str, Example], float]
 def rewards_of(rollout: Rollout, dataset: Dataset, rule: TruncationRule, reward_fn: RewardFn | None = None
                ) -> torch.Tensor:
     fn = reward_fn or (lambda text, ex: score(text, ex.answer, dataset.reward))
-    r = torch.tensor([fn(text, ex) for text, ex in zip(rollout.responses, rollout.examples)], dtype=torch.float32)
+    r = torch.tensor([fn(text, ex) for text, ex in zip(rollout.responses, rollout.examples)], dtype=torch.float32,
+                     device=rollout.device)
     if rule == TruncationRule.ZERO_REWARD:
         r = torch.where(rollout.truncated, torch.zeros_like(r), r)
     return r
@@ -78,11 +80,11 @@ def policy_update(
     stats["ratio_mean"] = 0.0
     try:
         for rows in chunks:
-            n_tokens = loss_mask_N_T[torch.tensor(rows)].sum().clamp(min=1.0)
+            n_tokens = loss_mask_N_T[torch.tensor(rows, device=loss_mask_N_T.device)].sum().clamp(min=1.0)
             optimizer.zero_grad(set_to_none=True)
             for micro in micro_batches(rows, rollout.input_ids.shape[1], rl.micro_batch_tokens):
                 sub = rollout.select(micro)
-                idx = torch.tensor(micro)
+                idx = torch.tensor(micro, device=loss_mask_N_T.device)
                 logprobs = response_logprobs(policy, sub, rl.temperature)
                 loss, s = clipped_pg_loss(
                     logprobs, sub.old_logprobs, advantages_N_T[idx], loss_mask_N_T[idx], rl.clip_eps_low,
@@ -92,7 +94,7 @@ def policy_update(
                 stats["loss"] += loss.item() / len(chunks)
                 stats["clip_frac"] += s["clip_frac"] / len(chunks)
                 stats["ratio_mean"] += s["ratio_mean"] / len(chunks)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            clip_grad_norm(optimizer, model, 1.0)
             optimizer.step()
     finally:
         if checkpointing:

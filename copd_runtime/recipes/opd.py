@@ -64,14 +64,14 @@ def opd_step(
     for t in teachers:
         idx = [i for i, (tt, _) in enumerate(rows) if tt == t]
         sub = rollout.select(idx)
-        it = torch.tensor(idx)
+        it = torch.tensor(idx, device=rollout.device)
         at = predicts_response_N_L(sub)
         with torch.no_grad():  # the student on these rows: π_old and its own top-k
             hidden = response_hidden_M_H(policy, sub)
             rollout.old_logprobs[it] = spread_N_L(
                 token_logprobs_M(head, hidden, sub.input_ids[:, 1:][at], rl.temperature), sub)
             s_top, s_top_lp, _ = topk_logprobs_M_K(head, hidden, rl.temperature, k)
-        scores = hub.score(t, sub, k=k, query_ids=spread_N_L(s_top, sub))
+        scores = {n: v.to(rollout.device) for n, v in hub.score(t, sub, k=k, query_ids=spread_N_L(s_top, sub)).items()}
         teacher_lp[it] = scores["sampled_logprobs"]
 
         # diagnostics on the visited states ([M, ...]: response positions only)
@@ -82,7 +82,7 @@ def opd_step(
         slp = torch.cat([s_at_t_top, s_top_lp], -1)
         tlp = torch.cat([scores["topk_logprobs"][:, 1:][at], scores["query_logprobs"][:, 1:][at]], -1)
         skl = bucketed_symmetric_kl_B_T(slp, tlp, _first_occurrence(support))
-        ones = torch.ones(overlap.shape)
+        ones = torch.ones_like(overlap)
         out[f"topk_overlap/{t}"] = masked_mean(overlap, ones)
         out[f"symmetric_kl/{t}"] = masked_mean(skl, ones)
         out[f"peer_reward/{t}"] = sum(
@@ -104,5 +104,5 @@ def _first_occurrence(ids_B_T_S: torch.Tensor) -> torch.Tensor:
     """True where an id appears for the first time along the last axis."""
     S = ids_B_T_S.shape[-1]
     same = ids_B_T_S.unsqueeze(-1) == ids_B_T_S.unsqueeze(-2)  # [.., S, S]
-    earlier = torch.tril(torch.ones(S, S, dtype=torch.bool), diagonal=-1)
+    earlier = torch.tril(torch.ones(S, S, dtype=torch.bool, device=ids_B_T_S.device), diagonal=-1)
     return ~(same & earlier).any(-1)

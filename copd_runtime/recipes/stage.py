@@ -23,6 +23,8 @@ from copd_runtime.checkpoint import Counters, latest_checkpoint, load_optimizer_
 from copd_runtime.data.datasets import load_dataset
 from copd_runtime.data.examples import Dataset
 from copd_runtime.model_uri import resolve_model_dir
+from copd_runtime.models.device import Placement, placement
+from copd_runtime.models.optim import make_optimizer
 from copd_runtime.models.policy import load_policy
 from copd_runtime.recipes.grpo import grpo_step
 from copd_runtime.recipes.opd import opd_step
@@ -55,6 +57,7 @@ def run_branch_stage(
     checkpoint_every: int = 0,
     datasets: dict[str, Dataset] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    place: Placement | None = None,
 ) -> dict:
     total = steps_of(spec, stage)
     datasets = datasets or branch_datasets(spec, storage)
@@ -70,8 +73,8 @@ def run_branch_stage(
         return {"cycle": cycle, "stage": stage.value, "step": total, "done": True, "reward": None,
                 "message": "already complete"}
 
-    policy = load_policy(start_dir, spec.base_model.kind)
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=spec.rl.learning_rate, weight_decay=0.0)
+    policy = load_policy(start_dir, spec.base_model.kind, place or placement(spec.trainer.precision))
+    optimizer = make_optimizer(policy.model, spec.rl.learning_rate)
     if start_dir != base and (start_dir / "optimizer.pt").exists():
         load_optimizer_and_rng(start_dir, optimizer)
         for g in optimizer.param_groups:

@@ -59,11 +59,14 @@ from copd_operator.logic.naming import (
     hub_port_for,
     merge_job_name,
     pvc_name,
+    rendezvous_name,
     stage_job_name,
 )
 
 EXIT_BAD_INPUT = 2  # `copd` exits 2 for a bad manifest/arguments: retrying cannot help
 TRAINER_UID = 65532  # the trainer image's user (trainer_image/Dockerfile: USER 65532:65532)
+RDZV_PORT = 29400  # torchrun's c10d rendezvous store, on the stage's pod of index 0
+SHM_VOLUME = "dshm"  # a memory-backed /dev/shm (NCCL, DataLoader workers): the runtime's default is 64Mi
 R_NAME_CONFLICT = "NameConflict"  # a child's name is taken by an object another run (or someone) owns
 
 
@@ -285,10 +288,56 @@ def api_token_volume() -> dict:
     ]}}
 
 
+def trainer_processes(spec: CoPDRunSpec) -> int:
+    """Processes per trainer pod: one per GPU (one on a CPU-only pod)."""
+    return max(1, spec.trainer.resources.gpu)
+
+
+def distributed(spec: CoPDRunSpec) -> bool:
+    return trainer_processes(spec) > 1 or spec.trainer.nodes > 1
+
+
+def torchrun_command(run: RunRef, cfg: OperatorConfig, job: str, branch: str) -> list[str]:
+    """`torchrun` around the trainer command: one process per GPU of the pod; with nodes > 1 the pods
+    meet at the c10d store on the pod of index 0 (`<job>-0.<rendezvous service>`); a pod lost or
+    restarted makes every pod's agent restart its workers from the last checkpoint (all or nothing)."""
+    t = run.spec.trainer
+    cmd = ["torchrun", f"--nproc-per-node={trainer_processes(run.spec)}", f"--nnodes={t.nodes}"]
+    if t.nodes > 1:
+        host = f"{job}-0.{rendezvous_name(run, branch)}.{run.namespace}.svc"
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={host}:{RDZV_PORT}", f"--rdzv-id={job}",
+                f"--max-restarts={cfg.backoff_limit}"]
+    else:
+        cmd += ["--standalone"]
+    return [*cmd, "--no-python", *cfg.trainer_command]
+
+
+def shm_volume() -> dict:
+    return {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}}
+
+
+def build_rendezvous_service(run: RunRef, branch: str, branch_uid: str) -> dict:
+    """Headless: gives each pod of a multi-pod stage Job a DNS name (`<job>-<index>.<service>`), ready or not."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": rendezvous_name(run, branch), "namespace": run.namespace,
+                     "labels": labels(run.name, "rendezvous", branch=branch),
+                     "ownerReferences": [owner_ref(BRANCH_KIND, branch_cr_name(run, branch), branch_uid)]},
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                 "selector": {LABEL_RUN: run.name, LABEL_COMPONENT: "trainer", LABEL_BRANCH: branch},
+                 "ports": [{"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT}]},
+    }
+
+
 def build_stage_job(run: RunRef, cfg: OperatorConfig, branch: str, branch_uid: str, cycle: int, stage: str,
                     hub_url: str | None = None, attempt: int = 0) -> dict:
     """The trainer of one (branch, cycle, stage): `copd stage`, resuming from the newest checkpoint,
-    reporting its progress live into its Branch's status (`--branch-object`, `--api-credentials`)."""
+    reporting its progress live into its Branch's status (`--branch-object`, `--api-credentials`).
+
+    More than one process (resources.gpu > 1 or trainer.nodes > 1): `torchrun` runs one `copd stage`
+    per GPU (DeepSpeed ZeRO across them, global rank 0 reports), with a memory-backed /dev/shm;
+    trainer.nodes > 1 makes it an Indexed Job of that many pods, found through the branch's headless
+    rendezvous Service (`build_rendezvous_service`, created with the Job)."""
     args = ["stage", "--manifest", f"env:{MANIFEST_ENV}", "--storage", run.spec.storage.path,
             "--branch", branch, "--cycle", str(cycle), "--stage", stage,
             "--checkpoint-every", str(cfg.checkpoint_every), "--report-file", TERMINATION_LOG,
@@ -299,10 +348,24 @@ def build_stage_job(run: RunRef, cfg: OperatorConfig, branch: str, branch_uid: s
     lab = labels(run.name, "trainer", branch=branch, cycle=cycle, stage=stage)
     container = _container(run, cfg, args, _resources(run.spec.trainer.resources))
     container["volumeMounts"].append({"name": API_TOKEN_VOLUME, "mountPath": SA_DIR, "readOnly": True})
-    job = _job(run, cfg, stage_job_name(run, branch, cycle, stage, attempt), lab,
-               owner_ref(BRANCH_KIND, branch_cr_name(run, branch), branch_uid), container,
+    name = stage_job_name(run, branch, cycle, stage, attempt)
+    pod_volumes = [api_token_volume()]
+    if distributed(run.spec) or run.spec.trainer.resources.gpu > 0:
+        container["volumeMounts"].append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
+        pod_volumes.append(shm_volume())
+    if distributed(run.spec):
+        container["command"] = torchrun_command(run, cfg, name, branch)
+        container["env"].append({"name": "COPD_ZERO_STAGE", "value": str(run.spec.trainer.zero_stage)})
+    job = _job(run, cfg, name, lab, owner_ref(BRANCH_KIND, branch_cr_name(run, branch), branch_uid), container,
                suspend=run.spec.suspend, deadline_s=stage_deadline_s(run.spec, stage))
-    job["spec"]["template"]["spec"]["volumes"].append(api_token_volume())
+    job["spec"]["template"]["spec"]["volumes"].extend(pod_volumes)
+    nodes = run.spec.trainer.nodes
+    if nodes > 1:
+        job["spec"].update({"completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
+                            # one pod lost fails the attempt; the operator's replacement restarts them all
+                            "backoffLimit": 0})
+        job["spec"]["template"]["spec"]["subdomain"] = rendezvous_name(run, branch)
+        container["ports"] = [{"name": "rdzv", "containerPort": RDZV_PORT}]
     return job
 
 
@@ -341,11 +404,15 @@ def build_hub_pod(run: RunRef, cfg: OperatorConfig, cycle: int) -> dict:
     container["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": port}, "periodSeconds": 5}
     # the hub publishes http://<its pod IP>:<port> in the storage once listening; trainers re-read it
     container["env"].append({"name": "COPD_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+    spec = _pod_spec(run, cfg, container, "Always")
+    if run.spec.trainer.hub_resources.gpu > 0:
+        container["volumeMounts"].append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
+        spec["volumes"].append(shm_volume())
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": hub_name(run, cycle), "namespace": run.namespace, "labels": lab,
                      "ownerReferences": [run.owner]},
-        "spec": _pod_spec(run, cfg, container, "Always"),
+        "spec": spec,
     }
 
 

@@ -110,6 +110,11 @@ def merge_job_name(run: RunIdentity) -> str:
     return child_name(run, "merge", limit=JOB_NAME_LIMIT)
 
 
+def rendezvous_name(run: RunIdentity, branch: str) -> str:
+    """The headless Service through which a multi-pod stage's pods find each other (one per branch)."""
+    return child_name(run, branch, "rdzv")
+
+
 def hub_name(run: RunIdentity, cycle: int) -> str:
     return child_name(run, "hub", f"c{cycle}")
 

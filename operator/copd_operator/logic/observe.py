@@ -113,6 +113,8 @@ def job_outcome(job: dict | None, pods: list[dict]) -> JobOutcome | None:
                       key=lambda p: _terminated(p).get("finishedAt") or "")
     if _condition(job, "Complete") or _condition(job, "SuccessCriteriaMet") or st.get("succeeded", 0) > 0:
         ok = [p for p in finished if _terminated(p).get("exitCode") == 0]
+        # a multi-pod stage: only the pod of global rank 0 writes a report
+        ok = [p for p in ok if parse_report(_terminated(p).get("message"))] or ok
         msg = _terminated(ok[-1]).get("message", "") if ok else ""
         return JobOutcome(SUCCEEDED, parse_report(msg), msg)
     if _condition(job, "Failed") or _condition(job, "FailureTarget"):

@@ -47,6 +47,7 @@ from copd_operator.logic.builders import (
     build_hub_service,
     build_merge_job,
     build_pvc,
+    build_rendezvous_service,
     build_stage_job,
     hub_url,
     labels,
@@ -227,6 +228,8 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
             cr = snap.branches.get(a.branch)
             if cr is None or (a.stage == Stage.OPD and url is None):
                 continue  # next reconcile: the Branch (created above) / the hub's address is not known yet
+            if spec.trainer.nodes > 1:  # pods of a multi-pod stage meet through it (kept for the branch's life)
+                ops.append(Create(build_rendezvous_service(run, a.branch, cr["metadata"]["uid"])))
             ops.append(Create(build_stage_job(run, cfg, a.branch, cr["metadata"]["uid"], a.cycle, a.stage.value,
                                               hub_url=url if a.stage == Stage.OPD else None, attempt=a.attempt)))
         elif isinstance(a, RunDiagnose):
