@@ -162,7 +162,12 @@ class RLSpec(_Model):
         description="Responses that hit maxNewTokens without EOS: `zero-reward` scores them 0 and trains "
         "on them; `mask` drops them from the loss.",
     )
-    kl_coef: float = Field(0.0, ge=0.0, description="Reference-KL coefficient; 0 (default) means no reference KL.")
+    kl_coef: float = Field(
+        0.0, ge=0.0, le=100.0,
+        description="GRPO's reference-KL coefficient: the RL loss adds klCoef · token-mean of the k3 estimate "
+        "of KL(policy ‖ base model) on the sampled tokens (the trainer also loads the base model). "
+        "0 (default): no reference KL, as in the paper.",
+    )
 
 
 class Topology(StrEnum):

@@ -5,6 +5,8 @@ positions. Masks are float tensors of 0/1.
 
 Where this departs from textbook GRPO (and why):
 - no reference-KL term by default (CoPD trains from a warm base; the paper uses none);
+  `rl.klCoef` > 0 adds GRPO's per-token k3 estimator of KL(π_θ ‖ π_ref) to the loss
+  (`reference_kl_B_T`), π_ref being the run's base model;
 - the loss is a token mean over the whole batch (DAPO style), not a per-sequence
   mean, so long responses are not down-weighted;
 - clipping has separate low/high ε ("clip-higher") to keep exploration alive.
@@ -70,6 +72,18 @@ def clipped_pg_loss(
             "ratio_mean": float((ratio * mask_B_T).sum() / n_tokens),
         }
     return loss, stats
+
+
+def reference_kl_B_T(logprobs_B_T: torch.Tensor, ref_logprobs_B_T: torch.Tensor) -> torch.Tensor:
+    """GRPO's per-token KL penalty (Shao et al. 2024, eq. 4; Schulman's k3 estimator):
+
+        D_t = π_ref/π_θ − log(π_ref/π_θ) − 1  ≥ 0,
+
+    evaluated on sampled tokens y_t ~ π_θ: an unbiased estimate of KL(π_θ ‖ π_ref), 0 exactly
+    where the two log-probs agree, with gradient ∂D/∂logπ_θ = 1 − π_ref/π_θ (pushes log π_θ
+    down where it exceeds log π_ref and up where it is below)."""
+    d = ref_logprobs_B_T - logprobs_B_T
+    return torch.exp(d) - d - 1.0
 
 
 def token_logprobs_B_T(logits_B_T_V: torch.Tensor, targets_B_T: torch.Tensor, temperature: float = 1.0):

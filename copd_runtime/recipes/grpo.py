@@ -4,8 +4,10 @@ Read top to bottom: pick prompts → sample G responses each (π_old from the
 trainer's own forward over them) → verify → group-normalise rewards → clipped
 policy-gradient update, token mean over the batch.
 
-Departures from GRPO as published: no reference KL by default (`rl.klCoef` = 0);
-clip-higher (separate ε_low/ε_high); token-mean loss. Truncated responses (no EOS
+Departures from GRPO as published: no reference KL by default (`rl.klCoef` = 0;
+with `klCoef` > 0 the loss gains klCoef · token_mean(k3 estimate of KL(π_θ ‖ π_ref)) as in
+GRPO, π_ref being the run's base model, scored once per rollout batch); clip-higher
+(separate ε_low/ε_high); token-mean loss. Truncated responses (no EOS
 within `maxNewTokens`) follow `rl.truncation`: `zero-reward` (default) scores
 them 0 and keeps them in the loss, so the policy learns to stop; `mask` drops
 them from the loss (their group still uses them for the mean/std).
@@ -32,7 +34,7 @@ import torch
 from copd_core.spec import RLSpec, TruncationRule
 from copd_runtime.data.examples import Dataset, Example
 from copd_runtime.data.rewards import score
-from copd_runtime.maths.losses import clipped_pg_loss, group_advantages_P_G
+from copd_runtime.maths.losses import clipped_pg_loss, group_advantages_P_G, reference_kl_B_T
 from copd_runtime.models.optim import clip_grad_norm
 from copd_runtime.models.policy import Policy
 from copd_runtime.rollout import Rollout, response_logprobs, sample
@@ -59,12 +61,19 @@ def micro_batches(rows: list[int], seq_len: int, token_budget: int | None) -> li
 
 def policy_update(
     policy: Policy, optimizer, rollout: Rollout, advantages_N_T: torch.Tensor, loss_mask_N_T: torch.Tensor,
-    rl: RLSpec,
+    rl: RLSpec, ref_logprobs_N_T: torch.Tensor | None = None, kl_coef: float = 0.0,
 ) -> dict[str, float]:
     """The clipped update shared by RL and OPD: `rl.miniBatches` optimizer steps, each over
-    one slice of the batch, accumulated over micro-batches of `rl.microBatchTokens`."""
+    one slice of the batch, accumulated over micro-batches of `rl.microBatchTokens`.
+
+    With `ref_logprobs_N_T` and `kl_coef` > 0 the loss also has kl_coef · token_mean(D_t),
+    D_t the per-token reference KL (`reference_kl_B_T`); its mean over the batch is in
+    `ref_kl` (measured with the weights before each mini-batch's step)."""
     stats = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 1.0, "skipped": 0.0}
-    if not bool((advantages_N_T * loss_mask_N_T).abs().gt(0).any()):
+    use_kl = ref_logprobs_N_T is not None and kl_coef > 0
+    if use_kl:
+        stats["ref_kl"] = 0.0
+    if not use_kl and not bool((advantages_N_T * loss_mask_N_T).abs().gt(0).any()):
         # No signal (uniform groups, or a teacher identical to the student): an optimizer
         # step on a zero gradient would still move the weights through Adam's momentum.
         stats["skipped"] = 1.0
@@ -90,6 +99,10 @@ def policy_update(
                     logprobs, sub.old_logprobs, advantages_N_T[idx], loss_mask_N_T[idx], rl.clip_eps_low,
                     rl.clip_eps_high, token_count=n_tokens,
                 )
+                if use_kl:
+                    kl = (reference_kl_B_T(logprobs, ref_logprobs_N_T[idx]) * loss_mask_N_T[idx]).sum() / n_tokens
+                    loss = loss + kl_coef * kl
+                    stats["ref_kl"] += kl.item() / len(chunks)
                 loss.backward()
                 stats["loss"] += loss.item() / len(chunks)
                 stats["clip_frac"] += s["clip_frac"] / len(chunks)
@@ -104,7 +117,10 @@ def policy_update(
 
 
 def grpo_step(policy: Policy, optimizer, dataset: Dataset, rl: RLSpec, rng: random.Random,
-              reward_fn: RewardFn | None = None) -> dict[str, float]:
+              reward_fn: RewardFn | None = None, reference: Policy | None = None) -> dict[str, float]:
+    """One GRPO step. `reference` (the base model) is needed only when `rl.klCoef` > 0."""
+    if rl.kl_coef > 0 and reference is None:
+        raise ValueError("rl.klCoef > 0 needs the reference policy (the run's base model)")
     prompts: list[Example] = rng.sample(dataset.train, min(rl.batch_size, len(dataset.train)))
     group = [ex for ex in prompts for _ in range(rl.group_size)]  # P*G rows, group-major
 
@@ -117,7 +133,12 @@ def grpo_step(policy: Policy, optimizer, dataset: Dataset, rl: RLSpec, rng: rand
         loss_mask[rollout.truncated] = 0.0
     advantages = adv_N.unsqueeze(1) * loss_mask
 
-    stats = policy_update(policy, optimizer, rollout, advantages, loss_mask, rl)
+    ref_lp = None
+    if rl.kl_coef > 0:
+        with torch.no_grad():
+            reference.model.eval()
+            ref_lp = response_logprobs(reference, rollout, rl.temperature)
+    stats = policy_update(policy, optimizer, rollout, advantages, loss_mask, rl, ref_lp, rl.kl_coef)
     return {
         "reward_mean": rewards_P_G.mean().item(),
         "tokens": int(rollout.response_mask.sum().item()),

@@ -73,12 +73,16 @@ def run_branch_stage(
         return {"cycle": cycle, "stage": stage.value, "step": total, "done": True, "reward": None,
                 "message": "already complete"}
 
-    policy = load_policy(start_dir, spec.base_model.kind, place or placement(spec.trainer.precision))
+    place = place or placement(spec.trainer.precision)
+    policy = load_policy(start_dir, spec.base_model.kind, place)
     optimizer = make_optimizer(policy.model, spec.rl.learning_rate)
     if start_dir != base and (start_dir / "optimizer.pt").exists():
         load_optimizer_and_rng(start_dir, optimizer)
         for g in optimizer.param_groups:
             g["lr"] = spec.rl.learning_rate
+
+    # GRPO's reference policy for `rl.klCoef` > 0: the run's base model, frozen.
+    reference = load_policy(base, spec.base_model.kind, place) if stage == Stage.RL and spec.rl.kl_coef > 0 else None
 
     rewards: list[float] = []
     step = start_step
@@ -92,7 +96,7 @@ def run_branch_stage(
         rng = random.Random(seed)
         t0 = time.perf_counter()
         if stage == Stage.RL:
-            m = grpo_step(policy, optimizer, datasets[branch], spec.rl, rng)
+            m = grpo_step(policy, optimizer, datasets[branch], spec.rl, rng, reference=reference)
         else:
             peers = {t: datasets[t] for t in spec.teachers_of(branch)}
             m = opd_step(policy, optimizer, peers, hub, spec.beta_for(branch), spec.rl, spec.opd,

@@ -8,6 +8,7 @@ from copd_runtime.maths.losses import (
     clipped_pg_loss,
     group_advantages_P_G,
     opd_advantages_B_T,
+    reference_kl_B_T,
     token_logprobs_B_T,
 )
 
@@ -109,3 +110,22 @@ def test_clipped_loss_of_micro_batches_adds_up_to_the_full_batch():
     assert torch.allclose(grad, full_grad, atol=1e-7)
     for key in ("clip_frac", "ratio_mean"):
         assert math.isclose(sum(p[1][key] for p in parts), full_stats[key], rel_tol=1e-6)
+
+
+def test_reference_kl_is_grpos_k3_estimator():
+    """D = r − log r − 1 with r = π_ref/π_θ: ≥ 0, 0 where the log-probs agree, unbiased for
+    KL(π_θ ‖ π_ref) when y ~ π_θ, and its gradient pulls log π_θ toward log π_ref."""
+    lp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0, -1.5]])
+    d = reference_kl_B_T(lp, ref)
+    want = [math.exp(r - p) - (r - p) - 1 for p, r in zip([-1.0, -2.0, -0.5], [-1.0, -1.0, -1.5])]
+    assert torch.allclose(d, torch.tensor([want]), atol=1e-6)
+    assert d[0, 0] == 0 and torch.all(d >= 0)
+    d.sum().backward()
+    g = lp.grad[0]
+    assert g[0] == 0 and g[1] < 0 and g[2] > 0  # descent raises log π_θ below π_ref, lowers it above
+    # unbiased: E_{y~p}[D(y)] = KL(p ‖ q) on a small distribution
+    logp = torch.log_softmax(torch.tensor([2.0, 0.5, -1.0, 0.0]), -1)
+    logq = torch.log_softmax(torch.tensor([0.0, 1.0, 0.5, -0.5]), -1)
+    est = (logp.exp() * reference_kl_B_T(logp, logq)).sum()
+    assert math.isclose(est.item(), (logp.exp() * (logp - logq)).sum().item(), rel_tol=1e-5)
