@@ -1,5 +1,5 @@
 # The few commands a person needs. See README.md.
-.PHONY: setup demo test test-fast cluster-up cluster-down crds lint compare
+.PHONY: setup demo test test-fast chaos cluster-up cluster-down crds lint compare
 
 UV := $(or $(wildcard $(HOME)/.cache/copd-operator/tools/uv-*/bin/uv),uv)
 
@@ -14,6 +14,10 @@ test:             ## every test: lint, pure, model, chart, and the real control 
 
 test-fast:        ## unit and tiny-model tests only, no cluster
 	.venv/bin/python -m pytest -m "not cluster and not slow" -q tests/unit tests/model
+
+chaos:            ## every fault scenario, the long ones included (~20-40 min on 2 cores): one `FAULT <name>: ...` line each
+	scripts/run-tests.sh -s -m "chaos or not chaos" tests/cluster/test_chaos.py tests/cluster/test_faults.py \
+	  tests/model/test_checkpoint_faults.py
 
 cluster-up:
 	scripts/cluster.sh up

@@ -42,6 +42,7 @@ from copd_core.conditions import (
     R_BRANCH_FAILED,
     R_BRANCH_RESTARTED,
     R_DIAGNOSE_FAILED,
+    R_INVALID_INPUT,
     R_INVALID_SPEC,
     R_MERGE_FAILED,
     R_MERGE_WITHOUT_READINESS,
@@ -168,6 +169,7 @@ class Observed:
     diagnose: DiagnoseReport | None = None
     merge: MergeReport | None = None
     invalid_spec: str | None = None  # what only the executor can judge (e.g. a missing dataset)
+    invalid_input: str | None = None  # a long-running piece (the hub) refused its input: retrying cannot help
     blocked: tuple[str, str] | None = None  # (reason, message): something outside the run it waits on
     unknown_fields: tuple[str, ...] = ()  # spec fields the executor dropped (a newer CRD): reported, not fatal
 
@@ -360,6 +362,9 @@ def decide(
 
     if observed.invalid_spec:
         d.fail(R_INVALID_SPEC, observed.invalid_spec)
+        return s, d.actions
+    if observed.invalid_input:
+        d.fail(R_INVALID_INPUT, observed.invalid_input)
         return s, d.actions
 
     # -- spec fields this executor does not know: reported, not fatal ------------

@@ -1,17 +1,28 @@
 """Branch checkpoints: weights (safetensors), optimizer, RNG and counters, written atomically.
 
 Layout: `<storage>/branches/<branch>/checkpoints/c{cycle:03d}-{stage}-s{step:05d}/`
-with the HF model files, `optimizer.pt`, `rng.pt` and `state.json`. A directory
-only appears under its final name once complete (temp dir + rename), so the
-newest directory is always a complete checkpoint: a trainer killed at any moment
-resumes from it.
+with the HF model files, `optimizer.pt`, `rng.pt`, `state.json` and `manifest.json`
+(size and SHA-256 of every other file, written last). A directory only appears under
+its final name once complete (temp dir + fsync + rename), so a trainer killed at any
+moment, or a write that runs out of space (`StorageFull`: the temp dir is removed),
+leaves the previous checkpoint as the newest one.
+
+Whoever loads a checkpoint asks `latest_checkpoint`, which verifies the candidates
+newest first against their manifests: a damaged one (a file changed, truncated or
+missing on the volume) is moved aside as `.corrupt-<name>` (kept for a post-mortem,
+only the newest such per branch) and the next older valid one is used; a warning
+names both on stderr. Checkpoints from before manifests existed are trusted.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
 import random
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +32,13 @@ import torch
 from copd_runtime.models.policy import Policy, atomic_dir, save_policy
 
 STAGE_ORDER = {"RL": 0, "OPD": 1}
+MANIFEST = "manifest.json"
+CORRUPT_PREFIX = ".corrupt-"
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StorageFull(OSError):
+    """A checkpoint could not be written for lack of space (ENOSPC/EDQUOT); nothing was half-written."""
 
 
 @dataclass(frozen=True, order=True)
@@ -51,31 +69,143 @@ def list_checkpoints(storage: Path, branch: str) -> list[tuple[Counters, Path]]:
     for d in root.glob("c*-*-s*"):
         state = d / "state.json"
         if state.exists():
-            out.append((Counters(**json.loads(state.read_text())), d))
+            try:
+                out.append((Counters(**json.loads(state.read_text())), d))
+            except (OSError, ValueError, TypeError) as e:  # damaged: not a checkpoint one can resume from
+                print(f"warning: checkpoint {branch}/{d.name}: state.json unreadable ({e}); ignored",
+                      file=sys.stderr, flush=True)
     return sorted(out, key=lambda x: x[0].key())
 
 
-def latest_checkpoint(storage: Path, branch: str, before: tuple[int, str] | None = None):
-    """Newest complete checkpoint, optionally strictly before stage (cycle, stage) began."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: Path) -> None:
+    """Size and SHA-256 of every file of a checkpoint directory (but the manifest), as manifest.json."""
+    files = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    (ckpt / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """None when the checkpoint is intact, else what is wrong (one line)."""
+    try:
+        Counters(**json.loads((ckpt / "state.json").read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        return f"state.json unreadable ({e})"
+    man = ckpt / MANIFEST
+    if not man.exists():
+        return None  # written before manifests existed: trusted
+    try:
+        files = json.loads(man.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} unreadable ({e})"
+    for rel, want in files.items():
+        p = ckpt / rel
+        try:
+            size = p.stat().st_size
+        except OSError:
+            return f"{rel} missing"
+        if size != want["size"]:
+            return f"{rel} has {size} bytes, {want['size']} written"
+        if _sha256(p) != want["sha256"]:
+            return f"{rel} does not match its SHA-256"
+    return None
+
+
+def _quarantine(ckpt: Path) -> None:
+    """Move a damaged checkpoint aside (out of every listing); keep only the newest such per branch."""
+    target = ckpt.with_name(f"{CORRUPT_PREFIX}{ckpt.name}-{os.getpid()}")
+    try:
+        os.rename(ckpt, target)
+    except OSError:
+        return  # another reader moved it first
+    for old in sorted(ckpt.parent.glob(f"{CORRUPT_PREFIX}*"), key=lambda p: p.stat().st_mtime)[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(storage: Path, branch: str, before: tuple[int, str] | None = None,
+                      skipped: list[str] | None = None):
+    """Newest complete and intact checkpoint, optionally strictly before stage (cycle, stage) began.
+    Damaged ones met on the way are moved aside and named in `skipped` (and on stderr)."""
     cks = list_checkpoints(storage, branch)
     if before is not None:
         bound = (before[0], STAGE_ORDER[before[1]])
         cks = [c for c in cks if c[0].key()[:2] < bound]
-    return cks[-1] if cks else None
+    for c, path in reversed(cks):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return c, path
+        note = f"checkpoint {branch}/{path.name} is damaged ({problem}): moved aside, using an older one"
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+        if skipped is not None:
+            skipped.append(f"{path.name}: {problem}")
+        _quarantine(path)
+    return None
 
 
 def save_checkpoint(storage: Path, branch: str, policy: Policy, optimizer, counters: Counters, keep: int = 3):
+    """Write a checkpoint atomically. Out of space: raises StorageFull (the partial temp dir is gone, the
+    previous checkpoint untouched and still the newest)."""
     final = branch_dir(storage, branch) / "checkpoints" / counters.dirname()
-    with atomic_dir(final) as tmp:
-        save_policy(policy, tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state()  # this rank's device
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(asdict(counters)))
+    try:
+        with atomic_dir(final) as tmp:
+            save_policy(policy, tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                rng["cuda"] = torch.cuda.get_rng_state()  # this rank's device
+            torch.save(rng, tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps(asdict(counters)))
+            write_manifest(tmp)
+    except Exception as e:
+        prev = list_checkpoints(storage, branch)
+        # torch.save does not always say ENOSPC ("enforce fail ... unexpected pos"): a failed write with less
+        # room left than the previous checkpoint takes is out of space too
+        if no_space(e) or (prev and _free_bytes(final.parent) < _size(prev[-1][1])):
+            kept = f"the newest checkpoint {prev[-1][1].name} is intact" if prev else "no earlier checkpoint"
+            raise StorageFull(errno.ENOSPC, f"no space left on the run's storage writing checkpoint "
+                              f"{branch}/{final.name} under {final.parent} ({_free(final.parent)}); {kept}; "
+                              f"free space or grow the volume ({type(e).__name__}: {str(e)[:200]})") from e
+        raise
     _gc(storage, branch, keep)
     return final
+
+
+def no_space(e: BaseException) -> bool:
+    """An out-of-space error, also when a library wrapped the OSError (safetensors, torch.save)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _size(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return 1 << 62
+
+
+def _free(path: Path) -> str:
+    try:
+        st = os.statvfs(path)
+        return f"{st.f_bavail * st.f_frsize} of {st.f_blocks * st.f_frsize} bytes free"
+    except OSError:
+        return "free space unknown"
 
 
 def _gc(storage: Path, branch: str, keep: int) -> None:

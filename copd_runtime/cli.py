@@ -25,6 +25,7 @@ from copd_core.spec import SpecError, load_manifest, parse_manifest
 from copd_runtime.progress_report import SA_DIR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+EXIT_STORAGE_FULL = 3  # the run's storage is full: the operator fails the Job at once (reason StorageFull)
 
 
 def _manifest(path: Path):
@@ -226,6 +227,13 @@ def stage(
         rep = run_branch_stage(m.spec, storage, branch, cycle, st, hub=hub, sink=sink, run_name=m.metadata.name,
                                checkpoint_every=checkpoint_every)
     except Exception as e:
+        from copd_runtime.checkpoint import no_space
+
+        if no_space(e):  # retrying fills the same volume again: a reason, and an exit code that fails the Job
+            _report({"branch": branch, "cycle": cycle, "stage": stage, "failed": True, "reason": "StorageFull",
+                     "message": str(e)[:1000]}, report_file, quiet=True)
+            typer.secho(f"storage full: {e}", fg="red", err=True)
+            raise typer.Exit(EXIT_STORAGE_FULL) from None
         _report({"branch": branch, "cycle": cycle, "stage": stage, "failed": True,
                  "message": f"{type(e).__name__}: {e}"[:1000]}, report_file)
         raise

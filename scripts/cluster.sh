@@ -4,6 +4,8 @@
 #   scripts/cluster.sh up       build what is missing, start everything, wait healthy (idempotent)
 #   scripts/cluster.sh down     stop what `up` started (PID files) and remove the state
 #   scripts/cluster.sh status   show each component and whether it is healthy
+#   scripts/cluster.sh restart kube-apiserver
+#                               stop and start the apiserver only (fault drills; same state)
 #   scripts/cluster.sh target add|rm operator|copd-run NAME [HOST:PORT]
 #                               (un)register a metrics endpoint with the local Prometheus
 #
@@ -267,6 +269,20 @@ cmd_target() {
   esac
 }
 
+# ---- the kube-apiserver (also `restart kube-apiserver`) -----------------------
+start_apiserver() {
+  start kube-apiserver "$API_PORT" "$KUBE_BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
+    --endpoint-reconciler-type none \
+    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
+    --client-ca-file "$PKI/ca.crt" --authorization-mode Node,RBAC \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
+    --service-cluster-ip-range "$SERVICE_CIDR" --allow-privileged=true --profiling=false \
+    --cert-dir "$ST/apiserver-certs"
+}
+
 cmd_up() {
   local t0=$SECONDS
   "$BUILD" || die "building the control plane binaries failed (see output above)"
@@ -286,16 +302,7 @@ cmd_up() {
     --unsafe-no-fsync --quota-backend-bytes 4294967296 --log-level warn
   wait_for etcd 60 curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
 
-  start kube-apiserver "$API_PORT" "$KUBE_BIN/kube-apiserver" \
-    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
-    --endpoint-reconciler-type none \
-    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
-    --client-ca-file "$PKI/ca.crt" --authorization-mode Node,RBAC \
-    --service-account-issuer https://kubernetes.default.svc.cluster.local \
-    --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
-    --service-cluster-ip-range "$SERVICE_CIDR" --allow-privileged=true --profiling=false \
-    --cert-dir "$ST/apiserver-certs"
+  start_apiserver
   wait_for kube-apiserver 120 curl_api /readyz
 
   start kube-controller-manager "$CM_PORT" "$KUBE_BIN/kube-controller-manager" \
@@ -371,6 +378,33 @@ cmd_down() {
   log "down"
 }
 
+# stop NAME: SIGTERM the component, SIGKILL after 10 s; waits until it is gone
+stop() {
+  local c="$1" p n
+  p="$(pid_of "$c")"
+  [[ -n "$p" ]] || return 0
+  if kill -0 "$p" 2>/dev/null; then
+    log "stopping $c ($p)"
+    kill -TERM "$p" 2>/dev/null || true
+    for ((n = 0; n < 40 && $(kill -0 "$p" 2>/dev/null && echo 1 || echo 0); n++)); do sleep 0.25; done
+    kill -KILL "$p" 2>/dev/null || true
+    for ((n = 0; n < 40 && $(kill -0 "$p" 2>/dev/null && echo 1 || echo 0); n++)); do sleep 0.25; done
+  fi
+  rm -f "$PIDS/$c.pid"
+}
+
+# restart kube-apiserver: stop it and start it again on the same port, state and certificates
+# (a fault drill: clients see connection refused, then the same apiserver, watches must re-list)
+cmd_restart() {
+  [[ "${1:-}" == kube-apiserver ]] || die "usage: $0 restart kube-apiserver"
+  alive kube-apiserver || die "kube-apiserver is not running (scripts/cluster.sh up)"
+  bindirs
+  stop kube-apiserver
+  start_apiserver
+  wait_for kube-apiserver 120 curl_api /readyz
+  log "kube-apiserver restarted"
+}
+
 cmd_status() {
   local c rc=0 health
   for c in "${COMPONENTS[@]}"; do
@@ -402,5 +436,6 @@ case "${1:-}" in
   down) cmd_down ;;
   status) cmd_status ;;
   target) shift; cmd_target "$@" ;;
-  *) echo "usage: $0 up|down|status|target" >&2; exit 2 ;;
+  restart) shift; cmd_restart "$@" ;;
+  *) echo "usage: $0 up|down|status|target|restart" >&2; exit 2 ;;
 esac

@@ -39,9 +39,11 @@ def branch_datasets(spec: CoPDRunSpec, storage: Path) -> dict[str, Dataset]:
     }
 
 
-def stage_start_model(spec: CoPDRunSpec, storage: Path, branch: str, cycle: int, stage: str) -> Path:
-    """The weights a branch had when (cycle, stage) began: its frozen teacher snapshot."""
-    ck = latest_checkpoint(storage, branch, before=(cycle, stage))
+def stage_start_model(spec: CoPDRunSpec, storage: Path, branch: str, cycle: int, stage: str,
+                      skipped: list[str] | None = None) -> Path:
+    """The weights a branch had when (cycle, stage) began: its frozen teacher snapshot (the newest
+    intact checkpoint before it; damaged ones are skipped and named in `skipped`)."""
+    ck = latest_checkpoint(storage, branch, before=(cycle, stage), skipped=skipped)
     return ck[1] if ck else resolve_model_dir(spec.base_model.uri, storage)
 
 
@@ -63,15 +65,21 @@ def run_branch_stage(
     datasets = datasets or branch_datasets(spec, storage)
     base = resolve_model_dir(spec.base_model.uri, storage)
 
-    latest = latest_checkpoint(storage, branch)
+    skipped: list[str] = []  # damaged checkpoints moved aside (checkpoint.latest_checkpoint)
+    latest = latest_checkpoint(storage, branch, skipped=skipped)
     here = (cycle, stage.value)
     if latest and (latest[0].cycle, latest[0].stage) == here:
         start_dir, start_step = latest[1], latest[0].step
     else:
-        start_dir, start_step = stage_start_model(spec, storage, branch, cycle, stage.value), 0
+        start_dir, start_step = stage_start_model(spec, storage, branch, cycle, stage.value, skipped), 0
+    resumed = {"resumed_from": start_dir.name if start_dir != base else "base model", "resumed_step": start_step}
+    if skipped:
+        resumed["skipped_checkpoints"] = skipped
+    note = (f"skipped damaged checkpoint(s) {'; '.join(skipped)}; resumed from {resumed['resumed_from']} "
+            f"(step {start_step})" if skipped else "")
     if start_step >= total:
         return {"cycle": cycle, "stage": stage.value, "step": total, "done": True, "reward": None,
-                "message": "already complete"}
+                "message": note or "already complete", **resumed}
 
     place = place or placement(spec.trainer.precision)
     policy = load_policy(start_dir, spec.base_model.kind, place)
@@ -90,7 +98,7 @@ def run_branch_stage(
         if should_stop():
             save_checkpoint(storage, branch, policy, optimizer, Counters(cycle, stage.value, step, total))
             return {"cycle": cycle, "stage": stage.value, "step": step, "done": False,
-                    "reward": _mean(rewards), "message": "stopped after a checkpoint"}
+                    "reward": _mean(rewards), "message": "stopped after a checkpoint", **resumed}
         seed = step_seed(spec.seed, branch, cycle, stage.value, step)
         torch.manual_seed(seed)
         rng = random.Random(seed)
@@ -109,7 +117,7 @@ def run_branch_stage(
         if done or (checkpoint_every and (step + 1) % checkpoint_every == 0):
             save_checkpoint(storage, branch, policy, optimizer, Counters(cycle, stage.value, step + 1, total))
     return {"cycle": cycle, "stage": stage.value, "step": total, "done": True, "reward": _mean(rewards),
-            "message": ""}
+            "message": note, **resumed}
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -45,7 +45,7 @@ from copd_core.cycle import Event, RunStatus, decide, fail_run, next_wakeup_s
 from copd_core.metrics import CoPDMetrics
 from copd_core.spec import SpecError
 from copd_operator.io.act import NameConflict, apply_ops, create, patch_run_conditions, write_run_status
-from copd_operator.io.gather import Apis, gather
+from copd_operator.io.gather import Apis, gather, read_run
 from copd_operator.logic.builders import R_NAME_CONFLICT, OperatorConfig, RunRef, build_event
 from copd_operator.logic.lenient import parse_lenient
 from copd_operator.logic.observe import observe
@@ -55,6 +55,8 @@ log = logging.getLogger("copd_operator.reconcile")
 
 EVENT_TRIES = 3
 EVENT_RETRY_S = 0.2
+UNSENT_MAX = 50
+STATUS_WRITE_TRIES = 5  # 409s from writers that changed neither the spec nor the status (labels, annotations)
 
 
 class Conflict(Exception):
@@ -84,15 +86,20 @@ class Reconciler:
     def __init__(self, apis: Apis, cfg: OperatorConfig, metrics: CoPDMetrics,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
         self.apis, self.cfg, self.metrics, self.clock = apis, cfg, metrics, clock
+        # Events whose every try failed (e.g. the apiserver restarting): sent again, under the same name,
+        # at the start of the run's next reconcile; at most UNSENT_MAX per run, oldest dropped first
+        self.unsent: dict[tuple[str, str], list[dict]] = {}
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
         snap = gather(self.apis, namespace, name, self.cfg.trainer_service_account,
                       network_policies=self.cfg.network_policy)
         if snap is None:
             self.metrics.forget_run(namespace, name)
+            self.unsent.pop((namespace, name), None)
             return GONE
         obj = snap.run
         md = obj["metadata"]
+        self._resend(namespace, name)
         gen = int(md.get("generation", 0))
         now = self.clock()
         old = obj.get("status") or {}
@@ -160,15 +167,25 @@ class Reconciler:
         self._events(run, [Event("Normal", R_RECONCILED, f"recovered from {prev.reason}: {prev.message}")], now)
 
     def _write(self, obj: dict, old: dict, new: RunStatus) -> None:
+        """One status PUT with the resourceVersion read. A 409 whose cause left the spec (generation) and the
+        status as we read them (another writer's labels or annotations, however often) is retried at once
+        with the new resourceVersion: the decision still holds. Anything else is a Conflict (decide again)."""
         md = obj["metadata"]
         body = new.to_k8s()
         if body != old:
-            try:
-                write_run_status(self.apis, obj, body)
-            except ApiException as e:
-                if e.status == 409:
+            for attempt in range(STATUS_WRITE_TRIES):
+                try:
+                    write_run_status(self.apis, obj, body)
+                    break
+                except ApiException as e:
+                    if e.status != 409:
+                        raise
+                fresh = read_run(self.apis, md["namespace"], md["name"]) if attempt + 1 < STATUS_WRITE_TRIES \
+                    else None
+                if fresh is None or fresh["metadata"].get("generation") != md.get("generation") or \
+                        (fresh.get("status") or {}) != old or fresh["metadata"].get("uid") != md.get("uid"):
                     raise Conflict(f"{md['namespace']}/{md['name']}") from None
-                raise
+                obj = {**obj, "metadata": fresh["metadata"]}
         self.metrics.set_status(md["namespace"], md["name"], body)
 
     def _events(self, run: RunRef, actions: list, now: datetime) -> None:
@@ -180,16 +197,32 @@ class Reconciler:
                 self.metrics.transition(a.ended, a.started, a.duration_s)
             log.info("%s/%s %s: %s", run.namespace, run.name, a.reason, a.message)
             ev = build_event(run, a.type, a.reason, a.message, iso(now), f"{int(now.timestamp() * 1000):x}{n}")
-            for attempt in range(EVENT_TRIES):  # the name is fixed: a retry after a lost answer is a 409
-                try:
-                    create(self.apis, run.namespace, ev)
-                    break
-                except Exception as e:  # noqa: BLE001 - the transition is in the status already
-                    if attempt == EVENT_TRIES - 1:
-                        log.warning("cannot record event %s: %s", a.reason, getattr(e, "reason", e))
-                    else:
-                        time.sleep(EVENT_RETRY_S * 2 ** attempt)
+            if not self._send(run.namespace, ev):
+                pending = self.unsent.setdefault((run.namespace, run.name), [])
+                pending.append(ev)
+                del pending[:-UNSENT_MAX]
             n += 1
+
+    def _send(self, namespace: str, ev: dict) -> bool:
+        for attempt in range(EVENT_TRIES):  # the name is fixed: a retry after a lost answer is a 409
+            try:
+                create(self.apis, namespace, ev)
+                return True
+            except Exception as e:  # noqa: BLE001 - the transition is in the status already
+                if attempt == EVENT_TRIES - 1:
+                    log.warning("cannot record event %s (sent again next reconcile): %s", ev["reason"],
+                                getattr(e, "reason", e))
+                else:
+                    time.sleep(EVENT_RETRY_S * 2 ** attempt)
+        return False
+
+    def _resend(self, namespace: str, name: str) -> None:
+        """Events that could not be posted earlier, in order; those that fail again stay for the next time."""
+        pending = self.unsent.pop((namespace, name), [])
+        for i, ev in enumerate(pending):
+            if not self._send(namespace, ev):
+                self.unsent[(namespace, name)] = pending[i:]
+                return
 
 
     def _name_conflicts(self, run: RunRef, conflicts: list[NameConflict], now: datetime) -> None:

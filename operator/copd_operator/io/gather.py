@@ -118,3 +118,8 @@ def gather(apis: Apis, namespace: str, name: str, trainer_service_account: str,
     snap.trainer_sa_exists = _exists(apis.core.read_namespaced_service_account, trainer_service_account,
                                      namespace)
     return snap
+
+
+def read_run(apis: Apis, namespace: str, name: str) -> dict | None:
+    """The CoPDRun alone (no children): what a status write that met a 409 compares against."""
+    return _read(apis.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, RUN_PLURAL, name)

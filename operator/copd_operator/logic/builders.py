@@ -64,6 +64,7 @@ from copd_operator.logic.naming import (
 )
 
 EXIT_BAD_INPUT = 2  # `copd` exits 2 for a bad manifest/arguments: retrying cannot help
+EXIT_STORAGE_FULL = 3  # `copd stage` exits 3 when the run's storage is full (reason StorageFull): nor can it
 TRAINER_UID = 65532  # the trainer image's user (trainer_image/Dockerfile: USER 65532:65532)
 RDZV_PORT = 29400  # torchrun's c10d rendezvous store, on the stage's pod of index 0
 SHM_VOLUME = "dshm"  # a memory-backed /dev/shm (NCCL, DataLoader workers): the runtime's default is 64Mi
@@ -242,12 +243,12 @@ def _pod_spec(run: RunRef, cfg: OperatorConfig, container: dict, restart: str) -
 
 
 def pod_failure_policy() -> dict:
-    """A bad manifest/input (exit 2) fails the Job at once; an eviction, preemption or drain (the pod's
-    DisruptionTarget condition) is not counted against backoffLimit; anything else retries from the
-    checkpoint."""
+    """A bad manifest/input (exit 2) or a full storage volume (exit 3) fails the Job at once; an eviction,
+    preemption or drain (the pod's DisruptionTarget condition) is not counted against backoffLimit; anything
+    else retries from the checkpoint."""
     return {"rules": [
         {"action": "FailJob", "onExitCodes": {
-            "containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]}},
+            "containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT, EXIT_STORAGE_FULL]}},
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]}
 
@@ -397,7 +398,8 @@ def build_hub_pod(run: RunRef, cfg: OperatorConfig, cycle: int) -> dict:
     """`copd hub`: teachers frozen at the start of OPD of `cycle`; lives for that stage only."""
     port = hub_port(run, cfg, cycle)
     args = ["hub", "--manifest", f"env:{MANIFEST_ENV}", "--storage", run.spec.storage.path,
-            "--cycle", str(cycle), "--port", str(port), "--host", "0.0.0.0"]
+            "--cycle", str(cycle), "--port", str(port), "--host", "0.0.0.0",
+            "--report-file", TERMINATION_LOG]  # bad input: exit 2 + an InvalidInput report (observe.py)
     lab = labels(run.name, "hub", cycle=cycle)
     container = _container(run, cfg, args, _resources(run.spec.trainer.hub_resources),
                            ports=[{"name": "hub", "containerPort": port}])

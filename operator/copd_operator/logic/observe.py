@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from copd_core.conditions import R_CLAIM_NOT_FOUND, R_PRIORITY_CLASS_NOT_FOUND
+from copd_core.conditions import R_CLAIM_NOT_FOUND, R_INVALID_INPUT, R_PRIORITY_CLASS_NOT_FOUND
 from copd_core.cycle import (
     TERMINAL,
     BranchReport,
@@ -41,7 +41,7 @@ from copd_core.cycle import (
 from copd_core.readiness import DirectionDiagnostic
 from copd_core.spec import CoPDRunSpec
 from copd_operator.api import BranchCRStatus, BranchProgress
-from copd_operator.logic.builders import merged_path
+from copd_operator.logic.builders import EXIT_BAD_INPUT, merged_path
 
 from . import naming
 
@@ -179,6 +179,21 @@ def blocked(snap: Snapshot) -> tuple[str, str] | None:
     return (problems[0][0], "; ".join(m for _, m in problems)) if problems else None
 
 
+def hub_invalid_input(status: RunStatus, snap: Snapshot, run) -> str | None:
+    """The current OPD hub refused its input (`copd hub` exits 2 with an InvalidInput report): the message.
+    Its pod restarts (restartPolicy Always) but cannot get further, so the run fails instead of crash-looping."""
+    if status.phase != Phase.RUNNING or status.stage != Stage.OPD:
+        return None
+    pod = snap.pod(naming.hub_name(run, status.cycle))
+    for cs in ((pod or {}).get("status") or {}).get("containerStatuses") or []:
+        for st in (cs.get("state") or {}, cs.get("lastState") or {}):
+            term = st.get("terminated") or {}
+            rep = parse_report(term.get("message"))
+            if term.get("exitCode") == EXIT_BAD_INPUT and rep and rep.get("reason") == R_INVALID_INPUT:
+                return f"hub (cycle {status.cycle}): {rep.get('message') or 'invalid input'}"
+    return None
+
+
 def attempt_of(status: RunStatus, branch: str) -> int:
     """The stage attempt of a branch whose Job counts now (spec.failurePolicy: replacements get new Jobs)."""
     b = status.branches.get(branch)
@@ -203,7 +218,8 @@ def observe(spec: CoPDRunSpec, status: RunStatus, snap: Snapshot) -> Observed:
     if status.phase == Phase.MERGING:
         job = naming.merge_job_name(run)
         merge = merge_report(job_outcome(snap.jobs.get(job), snap.pods_of_job(job)), merged_path(spec))
-    return Observed(branches=branches, diagnose=diag, merge=merge, blocked=blocked(snap))
+    return Observed(branches=branches, diagnose=diag, merge=merge, blocked=blocked(snap),
+                    invalid_input=hub_invalid_input(status, snap, run))
 
 
 def live_progress(progress: dict | None, cycle: int, stage: str | None) -> BranchProgress | None:

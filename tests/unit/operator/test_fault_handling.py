@@ -38,7 +38,7 @@ def _kinds(ops):
 def test_jobs_fail_at_once_on_bad_input_and_ignore_disruptions():
     job = build_stage_job(run_ref(), CFG, "arith", "uid-b", 1, "RL")
     rules = job["spec"]["podFailurePolicy"]["rules"]
-    assert {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]}} \
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3]}} \
         in rules
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
     assert "activeDeadlineSeconds" not in job["spec"]
@@ -292,3 +292,92 @@ def test_a_key_comes_back_after_its_backoff():
     t = time.monotonic()
     q.add(k)
     assert q.get(timeout=2) == k and time.monotonic() - t >= 0.09
+
+
+# -- events that cannot be posted now are posted later; status writes outlast metadata-only 409s ----------
+
+
+def test_events_that_fail_every_try_are_sent_at_the_next_reconcile(monkeypatch):
+    c = FakeCluster(monkeypatch, _snap())
+    monkeypatch.setattr(rec, "EVENT_RETRY_S", 0.0)
+    down = {"on": True}
+
+    def create(apis, ns, obj):
+        if down["on"]:
+            raise ApiException(status=503, reason="Service Unavailable")
+        c.events.append(obj)
+    monkeypatch.setattr(rec, "create", create)
+    r = c.reconciler()
+    r.reconcile("ns", "demo")  # Pending -> Running: the status is written, its events cannot be posted
+    assert c.writes and c.events == [] and [e["reason"] for e in r.unsent[("ns", "demo")]] == ["StageStarted"]
+    c.snap.run["status"] = c.writes[-1]
+    r.reconcile("ns", "demo")  # still down: kept, not duplicated
+    assert len(r.unsent[("ns", "demo")]) == 1
+    down["on"] = False
+    r.reconcile("ns", "demo")
+    assert "StageStarted" in c.reasons() and ("ns", "demo") not in r.unsent
+    names = [e["metadata"]["name"] for e in c.events if e["reason"] == "StageStarted"]
+    assert len(names) == 1  # the same Event, under its first name
+
+
+def _conflict():
+    return ApiException(status=409, reason="Conflict")
+
+
+@pytest.mark.parametrize("other_writer_changed, writes, conflict", [
+    ({"metadata": {"annotations": {"x": "1"}, "resourceVersion": "9"}}, 2, False),  # labels/annotations only
+    ({"status": {"phase": "Running", "foreign": 1}}, 1, True),  # the status we decided from is gone
+    ({"metadata": {"generation": 2}}, 1, True),  # the spec changed
+])
+def test_a_status_write_retries_a_409_only_when_spec_and_status_are_as_read(monkeypatch, other_writer_changed,
+                                                                            writes, conflict):
+    c = FakeCluster(monkeypatch, _snap())
+    tries = []
+
+    def write(apis, run, body):
+        tries.append(run["metadata"].get("resourceVersion"))
+        if len(tries) == 1:
+            raise _conflict()
+        c.writes.append(body)
+    monkeypatch.setattr(rec, "write_run_status", write)
+    fresh = json.loads(json.dumps(c.snap.run))
+    for k, v in other_writer_changed.items():
+        fresh[k] = {**(fresh.get(k) or {}), **v}
+    monkeypatch.setattr(rec, "read_run", lambda apis, ns, name: fresh)
+    if conflict:
+        with pytest.raises(rec.Conflict):
+            c.reconciler().reconcile("ns", "demo")
+        assert len(tries) == writes and not c.writes and c.events == []  # nothing acted on a stale decision
+    else:
+        c.reconciler().reconcile("ns", "demo")
+        assert len(tries) == writes and tries[-1] == "9" and c.writes[-1]["phase"] == "Running"
+        assert "StageStarted" in c.reasons()
+
+
+# -- a hub that refuses its input fails the run (no crash loop) -----------------------------------
+
+
+@pytest.mark.parametrize("where, exit_code, fails", [
+    ("lastState", 2, True),  # restarted after refusing: the first refusal is enough
+    ("state", 2, True),
+    ("lastState", 1, False),  # a crash: the pod restarts / is replaced, the run goes on
+])
+def test_a_hub_refusing_its_input_fails_the_run_with_invalid_input(where, exit_code, fails):
+    from copd_operator.logic.builders import build_hub_pod
+
+    from copd_core.cycle import decide
+
+    assert "--report-file" in build_hub_pod(run_ref(), CFG, 1)["spec"]["containers"][0]["args"]
+    run, st = _opd()
+    pod = _hub()
+    pod["status"]["containerStatuses"] = [{"name": "trainer", where: {"terminated": {
+        "exitCode": exit_code, "message": INVALID if exit_code == 2 else "Traceback ..."}}}]
+    snap = SnapB(run)
+    snap.pod(pod)
+    obs = ob.observe(run.spec, st, snap.obj())
+    new, _ = decide(run.spec, st, obs, NOW, 1)
+    assert (new.phase == Phase.FAILED) is fails
+    if fails:
+        failed = {c.type: c for c in new.conditions}["Failed"]
+        assert failed.reason == "InvalidInput" and "spec.branches[0].dataset.path" in failed.message
+        assert failed.message.startswith("hub (cycle 1)")
