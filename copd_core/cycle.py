@@ -42,9 +42,11 @@ from copd_core.conditions import (
     R_BRANCH_FAILED,
     R_BRANCH_RESTARTED,
     R_DIAGNOSE_FAILED,
+    R_DIAGNOSE_RESTARTED,
     R_INVALID_INPUT,
     R_INVALID_SPEC,
     R_MERGE_FAILED,
+    R_MERGE_RESTARTED,
     R_MERGE_WITHOUT_READINESS,
     R_MERGED,
     R_MERGING,
@@ -119,7 +121,10 @@ class RunStatus(_Status):
     stage_start_time: str | None = None
     start_time: str | None = None
     completion_time: str | None = None
-    restarts: int = Field(0, description="Branch stage attempts replaced so far (spec.failurePolicy.maxRestarts).")
+    restarts: int = Field(0, description="Failed attempts replaced so far, of branch stages, diagnose and merge "
+                                         "(spec.failurePolicy.maxRestarts).")
+    diagnose_attempt: int | None = Field(None, description="Replacement attempts of this cycle's diagnose Job.")
+    merge_attempt: int | None = Field(None, description="Replacement attempts of the merge Job.")
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int = 0
 
@@ -185,11 +190,13 @@ class RunBranchStage:
 @dataclass(frozen=True)
 class RunDiagnose:
     cycle: int
+    attempt: int = 0  # > 0: a replacement of a failed diagnose Job
 
 
 @dataclass(frozen=True)
 class RunMerge:
     ready: bool
+    attempt: int = 0  # > 0: a replacement of a failed merge Job
 
 
 @dataclass(frozen=True)
@@ -279,6 +286,7 @@ class _Decision:
 
     def start_stage(self, cycle: int, stage: Stage) -> None:
         self.s.cycle = cycle
+        self.s.diagnose_attempt = None  # each cycle's diagnose starts at its first attempt
         self.move_to(Phase.RUNNING, stage, R_STAGE_STARTED, f"cycle {cycle}: {stage.value}")
         if stage != Stage.DIAGNOSE:
             for name in self.s.branches:
@@ -287,7 +295,7 @@ class _Decision:
 
     def ask_for_stage_work(self) -> None:
         if self.s.stage == Stage.DIAGNOSE:
-            self.actions.append(RunDiagnose(self.s.cycle))
+            self.actions.append(RunDiagnose(self.s.cycle, self.s.diagnose_attempt or 0))
             return
         for name, b in self.s.branches.items():
             if b.done or (b.retry_time and _parse(b.retry_time, self.now) > self.now):
@@ -310,6 +318,24 @@ class _Decision:
             "Warning", R_BRANCH_RESTARTED,
             f"branch {name}, cycle {self.s.cycle} {self.s.stage.value} failed ({report.message[:300]}); "
             f"restart {self.s.restarts}/{fp.max_restarts} in {wait:.0f}s from its newest checkpoint"))
+        return True
+
+    def restart_job(self, piece: str, reason: str | None, message: str) -> bool:
+        """Replace a failed diagnose or merge Job (`piece`) from the same run-level budget as branch stages;
+        False when it is spent or the Job named a reason (e.g. InvalidInput, StorageFull). No extra backoff:
+        the Job's own pod retries (backoffLimit, with Kubernetes' backoff) came first; both are idempotent
+        (they read the checkpoints and rewrite their output)."""
+        fp = self.spec.failure_policy
+        if reason is not None or self.s.restarts >= fp.max_restarts:
+            return False
+        self.s.restarts += 1
+        field = f"{piece}_attempt"
+        attempt = (getattr(self.s, field) or 0) + 1
+        setattr(self.s, field, attempt)
+        what = f"cycle {self.s.cycle} diagnose" if piece == "diagnose" else "merge"
+        self.actions.append(Event(
+            "Warning", R_DIAGNOSE_RESTARTED if piece == "diagnose" else R_MERGE_RESTARTED,
+            f"{what} failed ({message[:300]}); attempt {attempt}, restart {self.s.restarts}/{fp.max_restarts}"))
         return True
 
     def cond_changed(self, type_: str, status: bool, reason: str, message: str) -> bool:
@@ -420,9 +446,13 @@ def decide(
     # -- Merging ----------------------------------------------------------------
     if s.phase == Phase.MERGING:
         m = observed.merge
-        if m is not None and m.failed:
+        if m is not None and m.failed and d.restart_job("merge", m.reason, m.message):
+            d.actions.append(RunMerge(ready=s.merge_ready, attempt=s.merge_attempt or 0))
+        elif m is not None and m.failed:
+            budget = (f" (restart budget {spec.failure_policy.max_restarts} spent)"
+                      if m.reason is None and spec.failure_policy.max_restarts else "")
             d.cond(COND_SUCCEEDED, False, m.reason or R_MERGE_FAILED, m.message)
-            d.fail(m.reason or R_MERGE_FAILED, m.message or "merge failed")
+            d.fail(m.reason or R_MERGE_FAILED, (m.message or "merge failed") + budget)
         elif m is not None and m.done:
             s.merged_model = m.path
             s.completion_time = iso(now)
@@ -431,7 +461,7 @@ def decide(
             d.cond(COND_PROGRESSING, False, R_MERGED, "done")
             d.actions.append(StopWork(R_MERGED))
         else:
-            d.actions.append(RunMerge(ready=s.merge_ready))
+            d.actions.append(RunMerge(ready=s.merge_ready, attempt=s.merge_attempt or 0))
     return s, d.actions
 
 
@@ -468,7 +498,12 @@ def _decide_diagnose(d: _Decision, observed: Observed) -> None:
         d.ask_for_stage_work()
         return
     if rep.failed:
-        d.fail(rep.reason or R_DIAGNOSE_FAILED, rep.message)
+        if d.restart_job("diagnose", rep.reason, rep.message):
+            d.ask_for_stage_work()
+            return
+        budget = (f" (restart budget {spec.failure_policy.max_restarts} spent)"
+                  if rep.reason is None and spec.failure_policy.max_restarts else "")
+        d.fail(rep.reason or R_DIAGNOSE_FAILED, rep.message + budget)
         return
     s.diagnostics = [DiagnosticStatus(**x.as_dict()) for x in rep.diagnostics]
     if rep.diagnostics:

@@ -370,11 +370,11 @@ def build_stage_job(run: RunRef, cfg: OperatorConfig, branch: str, branch_uid: s
     return job
 
 
-def build_diagnose_job(run: RunRef, cfg: OperatorConfig, cycle: int) -> dict:
+def build_diagnose_job(run: RunRef, cfg: OperatorConfig, cycle: int, attempt: int = 0) -> dict:
     args = ["diagnose", "--manifest", f"env:{MANIFEST_ENV}", "--storage", run.spec.storage.path,
             "--cycle", str(cycle), "--report-file", TERMINATION_LOG]
     container = _container(run, cfg, args, _resources(run.spec.trainer.hub_resources))
-    return _job(run, cfg, diagnose_job_name(run, cycle), labels(run.name, "diagnose", cycle=cycle),
+    return _job(run, cfg, diagnose_job_name(run, cycle, attempt), labels(run.name, "diagnose", cycle=cycle),
                 run.owner, container, deadline_s=stage_deadline_s(run.spec, "Diagnose"))
 
 
@@ -382,11 +382,11 @@ def merged_path(spec: CoPDRunSpec) -> str:
     return spec.storage.path.rstrip("/") + "/merged"
 
 
-def build_merge_job(run: RunRef, cfg: OperatorConfig) -> dict:
+def build_merge_job(run: RunRef, cfg: OperatorConfig, attempt: int = 0) -> dict:
     args = ["merge", "--manifest", f"env:{MANIFEST_ENV}", "--storage", run.spec.storage.path,
             "--output", merged_path(run.spec), "--report-file", TERMINATION_LOG]
     container = _container(run, cfg, args, _resources(run.spec.trainer.hub_resources, gpu=False))
-    return _job(run, cfg, merge_job_name(run), labels(run.name, "merge"), run.owner, container,
+    return _job(run, cfg, merge_job_name(run, attempt), labels(run.name, "merge"), run.owner, container,
                 deadline_s=stage_deadline_s(run.spec, "Merge"))
 
 

@@ -102,12 +102,15 @@ def stage_job_name(run: RunIdentity, branch: str, cycle: int, stage: str, attemp
     return child_name(run, branch, f"c{cycle}", stage, *more, limit=JOB_NAME_LIMIT)
 
 
-def diagnose_job_name(run: RunIdentity, cycle: int) -> str:
-    return child_name(run, "diagnose", f"c{cycle}", limit=JOB_NAME_LIMIT)
+def diagnose_job_name(run: RunIdentity, cycle: int, attempt: int = 0) -> str:
+    """attempt > 0: a replacement of a failed diagnose Job (spec.failurePolicy), `...-diagnose-c<c>-a<n>-<h>`."""
+    more = (f"a{attempt}",) if attempt > 0 else ()
+    return child_name(run, "diagnose", f"c{cycle}", *more, limit=JOB_NAME_LIMIT)
 
 
-def merge_job_name(run: RunIdentity) -> str:
-    return child_name(run, "merge", limit=JOB_NAME_LIMIT)
+def merge_job_name(run: RunIdentity, attempt: int = 0) -> str:
+    more = (f"a{attempt}",) if attempt > 0 else ()
+    return child_name(run, "merge", *more, limit=JOB_NAME_LIMIT)
 
 
 def rendezvous_name(run: RunIdentity, branch: str) -> str:

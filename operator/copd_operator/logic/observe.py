@@ -212,11 +212,11 @@ def observe(spec: CoPDRunSpec, status: RunStatus, snap: Snapshot) -> Observed:
                 branches[b.name] = rep
     diag = None
     if status.cycle:
-        job = naming.diagnose_job_name(run, status.cycle)
+        job = naming.diagnose_job_name(run, status.cycle, status.diagnose_attempt or 0)
         diag = diagnose_report(status.cycle, job_outcome(snap.jobs.get(job), snap.pods_of_job(job)))
     merge = None
     if status.phase == Phase.MERGING:
-        job = naming.merge_job_name(run)
+        job = naming.merge_job_name(run, status.merge_attempt or 0)
         merge = merge_report(job_outcome(snap.jobs.get(job), snap.pods_of_job(job)), merged_path(spec))
     return Observed(branches=branches, diagnose=diag, merge=merge, blocked=blocked(snap),
                     invalid_input=hub_invalid_input(status, snap, run))

@@ -233,15 +233,15 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
             ops.append(Create(build_stage_job(run, cfg, a.branch, cr["metadata"]["uid"], a.cycle, a.stage.value,
                                               hub_url=url if a.stage == Stage.OPD else None, attempt=a.attempt)))
         elif isinstance(a, RunDiagnose):
-            job = diagnose_job_name(run, a.cycle)
+            job = diagnose_job_name(run, a.cycle, a.attempt)
             if job not in snap.jobs:
-                ops.append(Create(build_diagnose_job(run, cfg, a.cycle)))
+                ops.append(Create(build_diagnose_job(run, cfg, a.cycle, a.attempt)))
             elif (snap.jobs[job].get("spec") or {}).get("suspend"):
                 ops.append(Patch("Job", job, {"spec": {"suspend": False}}))
         elif isinstance(a, RunMerge):
-            job = merge_job_name(run)
+            job = merge_job_name(run, a.attempt)
             if job not in snap.jobs:
-                ops.append(Create(build_merge_job(run, cfg)))
+                ops.append(Create(build_merge_job(run, cfg, a.attempt)))
             elif (snap.jobs[job].get("spec") or {}).get("suspend"):
                 ops.append(Patch("Job", job, {"spec": {"suspend": False}}))
         elif isinstance(a, Event):

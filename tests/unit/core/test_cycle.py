@@ -318,10 +318,50 @@ def test_a_restarted_branch_that_finishes_moves_the_stage_on():
     (Observed(diagnose=DiagnoseReport(1, failed=True, message="x")), "DiagnoseFailed", True),
 ])
 def test_diagnose_failure_reason_passes_through(observed, reason, reports):
-    spec = SpecBuilder().obj()
+    spec = SpecBuilder().set("failurePolicy", maxRestarts=0).obj()
     s = _to_diagnose(spec)
     s, _ = step(spec, s, observed)
     assert s.phase == Phase.FAILED and {c.type: c.reason for c in s.conditions}["Failed"] == reason
+
+
+def test_a_failed_diagnose_is_replaced_from_the_run_budget_then_fails():
+    """Diagnose (and merge) Jobs share the run's restart budget with branch stages: a failure without a
+    reason gets a new attempt (its own Job) while the budget lasts; with a reason it fails at once."""
+    spec = SpecBuilder().set("failurePolicy", maxRestarts=2).obj()
+    s = _to_diagnose(spec)
+    boom = Observed(diagnose=DiagnoseReport(1, failed=True, message="OOMKilled"))
+    s, acts = step(spec, s, boom)
+    assert s.phase == Phase.RUNNING and s.stage == Stage.DIAGNOSE and s.restarts == 1 and s.diagnose_attempt == 1
+    assert work(acts) == [RunDiagnose(1, attempt=1)]
+    assert [a.reason for a in acts if isinstance(a, Event)] == ["DiagnoseRestarted"]
+    s, acts = step(spec, s, Observed())  # the new attempt's Job has not reported yet
+    assert work(acts) == [RunDiagnose(1, attempt=1)]
+    s, _ = step(spec, s, boom)
+    assert s.restarts == 2 and s.diagnose_attempt == 2
+    s, _ = step(spec, s, boom)
+    failed = {c.type: c for c in s.conditions}["Failed"]
+    assert s.phase == Phase.FAILED and failed.reason == "DiagnoseFailed" and "restart budget 2 spent" in failed.message
+
+
+def test_the_next_cycles_diagnose_starts_at_its_first_attempt():
+    spec = SpecBuilder().set("failurePolicy", maxRestarts=3).obj()
+    s = _to_diagnose(spec)
+    s, _ = step(spec, s, Observed(diagnose=DiagnoseReport(1, failed=True, message="x")))
+    s, _ = step(spec, s, diag(1, 0.5))  # attempt 1 reports: not aligned, next cycle
+    assert (s.cycle, s.stage, s.diagnose_attempt) == (2, Stage.RL, None)
+    s = _to_diagnose(spec, 2, s)  # asserts RunDiagnose(2) with attempt 0
+
+
+def test_a_failed_merge_is_replaced_from_the_run_budget():
+    spec = SpecBuilder().set("failurePolicy", maxRestarts=1).obj()
+    s, _ = step(spec, _to_diagnose(spec), diag(1, 0.95))
+    assert s.phase == Phase.MERGING
+    s, acts = step(spec, s, Observed(merge=MergeReport(failed=True, message="killed")))
+    assert s.phase == Phase.MERGING and s.merge_attempt == 1 and work(acts) == [RunMerge(ready=True, attempt=1)]
+    assert [a.reason for a in acts if isinstance(a, Event)] == ["MergeRestarted"]
+    s, _ = step(spec, s, Observed(merge=MergeReport(failed=True, reason="StorageFull", message="full")))
+    assert s.phase == Phase.FAILED and {c.type: c.reason for c in s.conditions}["Failed"] == "StorageFull"
+    assert s.restarts == 1
 
 
 # ---------------------------------------------------------------------------

@@ -381,3 +381,22 @@ def test_a_hub_refusing_its_input_fails_the_run_with_invalid_input(where, exit_c
         failed = {c.type: c for c in new.conditions}["Failed"]
         assert failed.reason == "InvalidInput" and "spec.branches[0].dataset.path" in failed.message
         assert failed.message.startswith("hub (cycle 1)")
+
+
+def test_a_replacement_diagnose_or_merge_attempt_has_its_own_job_and_is_observed():
+    from copd_operator.logic.naming import diagnose_job_name, merge_job_name
+
+    from copd_core.cycle import RunDiagnose, RunMerge
+
+    run = run_ref()
+    st = RunStatus(phase=Phase.RUNNING, cycle=1, stage=Stage.DIAGNOSE, diagnose_attempt=1, restarts=1)
+    kinds = _kinds(plan(run, CFG, st, [RunDiagnose(1, attempt=1)], SnapB(run).obj(), NOW, 1))
+    assert ("Create", "Job", diagnose_job_name(DEMO, 1, 1)) in kinds and diagnose_job_name(DEMO, 1, 1) != \
+        diagnose_job_name(DEMO, 1)
+    # the failed first attempt is not looked at any more: only attempt 1's Job decides
+    snap = SnapB(run).job(JobB(diagnose_job_name(DEMO, 1)).failed("boom")).obj()
+    assert ob.observe(run.spec, st, snap).diagnose is None
+    mst = RunStatus(phase=Phase.MERGING, cycle=1, merge_attempt=2, restarts=2)
+    kinds = _kinds(plan(run, CFG, mst, [RunMerge(True, attempt=2)], SnapB(run).obj(), NOW, 1))
+    assert ("Create", "Job", merge_job_name(DEMO, 2)) in kinds
+    assert all(len(n) <= 57 for n in (diagnose_job_name(DEMO, 99, 9), merge_job_name(DEMO, 9)))
