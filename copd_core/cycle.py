@@ -511,7 +511,7 @@ def _decide_diagnose(d: _Decision, observed: Observed) -> None:
         s.max_symmetric_kl = max(x.symmetric_kl for x in rep.diagnostics)
     r = spec.merge_readiness
     ready, reason, message = merge_readiness(
-        list(rep.diagnostics), s.cycle, r.min_cycles, r.min_topk_overlap, r.max_symmetric_kl
+        list(rep.diagnostics), s.cycle, spec.readiness_from_cycle(), r.min_topk_overlap, r.max_symmetric_kl
     )
     s.merge_ready = ready
     d.cond(COND_MERGE_READY, ready, reason, message)

@@ -20,9 +20,10 @@ class CoPDMetrics:
         self.topk_overlap = Gauge("copd_topk_overlap", "Top-k token overlap of student with teacher, "
                                   "on states the student visits (latest cycle).",
                                   ["namespace", "run", "student", "teacher"], registry=r)
-        self.symmetric_kl = Gauge("copd_symmetric_kl", "Symmetric KL between student and teacher next-token "
-                                  "distributions (latest cycle).", ["namespace", "run", "student", "teacher"],
-                                  registry=r)
+        self.symmetric_kl = Gauge("copd_symmetric_kl", "Exact symmetric KL (full vocabulary) between student "
+                                  "and teacher next-token distributions, from the per-cycle Diagnose stage "
+                                  "(latest cycle); not the per-OPD-step top-k-union bound.",
+                                  ["namespace", "run", "student", "teacher"], registry=r)
         self.branch_reward = Gauge("copd_branch_reward", "Mean verifiable reward of a branch in its latest stage "
                                    "(while a stage runs on a cluster: of the step its trainer reported last).",
                                    ["namespace", "run", "branch"], registry=r)

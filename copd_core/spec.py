@@ -180,7 +180,8 @@ class OPDSpec(_Model):
     topology: Topology = Field(
         Topology.MESH,
         description="mesh: every branch distils from every peer; hub-and-spoke: the hub branch "
-        "exchanges with each spoke (cost linear in K).",
+        "exchanges with each spoke (cost linear in K): the hub learns from each spoke on its prompts, and a "
+        "spoke learns from the hub on every other branch's prompts (the hub relays the spokes' skills).",
     )
     hub: str | None = Field(None, description="Hub branch name; required for hub-and-spoke.")
     batch_size: int | None = Field(None, ge=1, le=65_536, description="Prompts per OPD step; default rl.batchSize.")
@@ -195,7 +196,12 @@ class DiagnosticsSpec(_Model):
 class MergeReadinessSpec(_Model):
     min_topk_overlap: float = Field(0.9, ge=0.0, le=1.0, description="Every direction's overlap must reach this.")
     max_symmetric_kl: float = Field(0.5, ge=0.0, description="Every direction's symmetric KL must stay below this.")
-    min_cycles: int = Field(1, ge=1, description="Readiness is only tested from this cycle on.")
+    min_cycles: int | None = Field(
+        None, ge=1,
+        description="Readiness is tested from this cycle on; a run aligned at that cycle merges then, before "
+        "schedule.cycles (an early stop). Default: schedule.cycles: every cycle trains, as in the paper, and "
+        "readiness decides whether the merge is ready.",
+    )
 
 
 class MergeMethod(StrEnum):
@@ -356,7 +362,7 @@ class CoPDRunSpec(_Model):
             unknown = sorted(set(self.merge.weights) - set(names))
             if unknown:
                 raise ValueError(f"merge.weights: {unknown} are not branches (branches: {names})")
-        if self.merge_readiness.min_cycles > self.schedule.cycles:
+        if self.merge_readiness.min_cycles is not None and self.merge_readiness.min_cycles > self.schedule.cycles:
             raise ValueError(
                 f"mergeReadiness.minCycles: {self.merge_readiness.min_cycles} exceeds schedule.cycles "
                 f"({self.schedule.cycles})"
@@ -380,9 +386,31 @@ class CoPDRunSpec(_Model):
         hub = self.opd.hub
         return [n for n in names if n != hub] if student == hub else [hub]
 
+    def opd_prompt_branches(self, student: str, teacher: str) -> list[str]:
+        """Whose training prompts `student` samples on while `teacher` teaches it. Mesh, and the hub
+        as student: the teacher's own. A spoke taught by the hub: every branch but itself (the hub's
+        and the other spokes'), so the hub, which distils every spoke, relays each spoke's skill to
+        every other spoke."""
+        if self.opd.topology == Topology.HUB_AND_SPOKE and student != self.opd.hub:
+            return [b.name for b in self.branches if b.name != student]
+        return [teacher]
+
     def directions(self) -> list[tuple[str, str]]:
-        """(student, teacher) pairs, in a stable order."""
+        """(student, teacher) pairs of the OPD topology, in a stable order."""
         return [(s.name, t) for s in self.branches for t in self.teachers_of(s.name)]
+
+    def readiness_directions(self) -> list[tuple[str, str]]:
+        """(student, teacher) pairs the Diagnose stage measures and merge readiness tests: every
+        ordered pair of branches the merge averages (merge weight > 0), whatever the topology:
+        in hub-and-spoke, spoke↔spoke pairs too."""
+        w = self.merge_weights()
+        merged = [b.name for b in self.branches if w[b.name] > 0]
+        return [(s, t) for s in merged for t in merged if s != t]
+
+    def readiness_from_cycle(self) -> int:
+        """The first cycle whose diagnostics may make the run merge: `mergeReadiness.minCycles`,
+        by default the last cycle."""
+        return self.merge_readiness.min_cycles or self.schedule.cycles
 
     def merge_weights(self) -> dict[str, float]:
         names = [b.name for b in self.branches]

@@ -39,8 +39,10 @@ def plot_run(records: list[dict], diagnostics: list[dict], out_dir: Path) -> lis
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    # per OPD step: the top-k-union lower bound of the symmetric KL; per cycle: the exact one
     for ax, key, dkey, title in ((axes[0], "topk_overlap", "topk_overlap", "Top-k overlap (student←teacher)"),
-                                 (axes[1], "symmetric_kl", "symmetric_kl", "Symmetric KL (student←teacher)")):
+                                 (axes[1], "topk_union_symmetric_kl", "symmetric_kl",
+                                  "Symmetric KL (student←teacher): dots top-k-union bound, lines exact")):
         _shade(ax, order)
         for b in branches:
             rs = [r for r in records if r["branch"] == b and r["phase"] == "OPD"]

@@ -32,7 +32,7 @@ class Progress:
     def _table(self) -> Table:
         t = Table(title=f"CoPD run {self.run} — {self.header} — {time.monotonic() - getattr(self, 't0', 0):.0f}s",
                   title_justify="left")
-        for col in ("branch", "cycle", "phase", "step", "reward", "overlap", "sym KL", "loss"):
+        for col in ("branch", "cycle", "phase", "step", "reward", "overlap", "sym KL≥", "loss"):
             t.add_column(col, justify="right" if col not in ("branch", "phase") else "left")
         for b, r in self.rows.items():
             t.add_row(b, str(r.get("cycle", "")), r.get("phase", ""),
@@ -43,7 +43,7 @@ class Progress:
     def step(self, rec: dict) -> None:
         row = dict(rec)
         ov = [v for k, v in rec.items() if k.startswith("topk_overlap/")]
-        kl = [v for k, v in rec.items() if k.startswith("symmetric_kl/")]
+        kl = [v for k, v in rec.items() if k.startswith("topk_union_symmetric_kl/")]
         prev = self.rows.get(rec["branch"], {})
         row["overlap"] = sum(ov) / len(ov) if ov else prev.get("overlap")
         row["skl"] = sum(kl) / len(kl) if kl else prev.get("skl")
@@ -53,7 +53,7 @@ class Progress:
         elif rec["step"] == rec["steps"]:
             self.console.print(
                 f"{rec['branch']:>10}  cycle {rec['cycle']}  {rec['phase']:<3}  step {rec['step']}/{rec['steps']}  "
-                f"reward {_f(rec.get('reward_mean'))}  overlap {_f(row['overlap'])}  symKL {_f(row['skl'])}"
+                f"reward {_f(rec.get('reward_mean'))}  overlap {_f(row['overlap'])}  symKL(top-k union) {_f(row['skl'])}"
             )
 
     def event(self, msg: str) -> None:

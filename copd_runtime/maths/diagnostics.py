@@ -49,6 +49,17 @@ def bucketed_symmetric_kl_B_T(
     return head + tail
 
 
+def mass_overlap_B_T(
+    logp_on_support_B_T_S: torch.Tensor, logq_on_support_B_T_S: torch.Tensor, support_valid_B_T_S: torch.Tensor,
+) -> torch.Tensor:
+    """Σ_v min(p_v, q_v) over a support (the union of both top-k sets): the probability mass the
+    two distributions share there, in [0, 1] (1 − total variation when the support is the whole
+    vocabulary; a lower bound of that otherwise). Unlike top-k overlap it ignores how tokens of
+    negligible probability are ranked."""
+    valid = support_valid_B_T_S.float()
+    return (torch.minimum(logp_on_support_B_T_S, logq_on_support_B_T_S).exp() * valid).sum(-1)
+
+
 @torch.no_grad()
 def alignment_M(
     student: LMHead, student_hidden_M_H: torch.Tensor, teacher: LMHead, teacher_hidden_M_H: torch.Tensor,

@@ -1,6 +1,7 @@
 """The per-cycle Diagnose stage: how aligned are the branches now?
 
-For every (student, teacher) direction of the topology, the student samples on
+For every ordered pair of branches the merge averages (`readiness_directions`: in
+hub-and-spoke this includes spoke↔spoke pairs, not only the OPD topology's), the student samples on
 a fixed probe set (the first `diagnostics.probePrompts` eval prompts of the
 teacher's domain, same seed every cycle) and both models' full next-token
 distributions are compared on those visited states: exact top-k overlap and
@@ -60,7 +61,7 @@ def diagnose(spec: CoPDRunSpec, model_dirs: dict[str, Path], datasets: dict[str,
         return loaded[name]
 
     out = []
-    for student, teacher in spec.directions():
+    for student, teacher in spec.readiness_directions():
         probe = datasets[teacher].eval[: spec.diagnostics.probe_prompts]
         s = policy(student)
         ov, kl = measure_direction(

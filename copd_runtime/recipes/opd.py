@@ -7,9 +7,15 @@ student's own prefix. Per-token advantage
     A_t = β_k · (log π_T(y_t | x', y_<t) − log π_old(y_t | x', y_<t))     (detached)
 
 goes into the same clipped update as RL. Which peers teach whom is the topology
-(`CoPDRunSpec.teachers_of`). Alongside, on the same visited states, we record the
-top-k overlap with each teacher and the symmetric KL on the union of both top-k
-sets plus a tail bucket (the hub returns top-k, not the whole vocabulary).
+(`CoPDRunSpec.teachers_of`); in hub-and-spoke a spoke samples on every other branch's
+prompts and the hub scores them all (`CoPDRunSpec.opd_prompt_branches`).
+
+Alongside, on the same visited states, we record per teacher t (the hub returns
+top-k, not the whole vocabulary): `topk_overlap/t`; `topk_union_symmetric_kl/t`,
+the symmetric KL of both distributions coarsened to the union of both top-k sets
+plus a tail bucket (a LOWER BOUND of the exact symmetric KL, which only the
+per-cycle Diagnose stage measures, as `symmetric_kl`); and `mass_overlap/t`,
+Σ_v min(p_v, q_v) over that union.
 
 π_old is computed here, per teacher, on exactly the rows sent to that teacher and
 by the same code the hub runs (`rollout.response_logprobs`): a teacher whose weights
@@ -24,10 +30,15 @@ import random
 
 import torch
 
-from copd_core.spec import DiagnosticsSpec, OPDSpec, RLSpec
+from copd_core.spec import DiagnosticsSpec, OPDSpec, RewardSpec, RLSpec
 from copd_runtime.data.examples import Dataset, Example
 from copd_runtime.data.rewards import score
-from copd_runtime.maths.diagnostics import bucketed_symmetric_kl_B_T, masked_mean, topk_overlap_B_T
+from copd_runtime.maths.diagnostics import (
+    bucketed_symmetric_kl_B_T,
+    masked_mean,
+    mass_overlap_B_T,
+    topk_overlap_B_T,
+)
 from copd_runtime.maths.logprobs import token_logprobs_M, topk_logprobs_M_K
 from copd_runtime.maths.losses import opd_advantages_B_T
 from copd_runtime.models.policy import Policy
@@ -45,7 +56,11 @@ def opd_step(
     opd: OPDSpec,
     diag: DiagnosticsSpec,
     rng: random.Random,
+    verifiers: dict[str, RewardSpec] | None = None,
 ) -> dict[str, float]:
+    """`peer_data[t]`: the prompts sampled for teacher t. `verifiers` (domain → reward spec) scores the
+    peer_reward diagnostic of an example by its own domain's verifier (a hub relaying several
+    domains); without it, by `peer_data[t].reward`."""
     teachers = sorted(peer_data)
     n_prompts = opd.batch_size or rl.batch_size
     prompts: list[tuple[str, Example]] = []
@@ -81,12 +96,15 @@ def opd_step(
         support = torch.cat([t_top, s_top], -1)
         slp = torch.cat([s_at_t_top, s_top_lp], -1)
         tlp = torch.cat([scores["topk_logprobs"][:, 1:][at], scores["query_logprobs"][:, 1:][at]], -1)
-        skl = bucketed_symmetric_kl_B_T(slp, tlp, _first_occurrence(support))
+        first = _first_occurrence(support)
+        skl = bucketed_symmetric_kl_B_T(slp, tlp, first)
         ones = torch.ones_like(overlap)
         out[f"topk_overlap/{t}"] = masked_mean(overlap, ones)
-        out[f"symmetric_kl/{t}"] = masked_mean(skl, ones)
+        out[f"topk_union_symmetric_kl/{t}"] = masked_mean(skl, ones)
+        out[f"mass_overlap/{t}"] = masked_mean(mass_overlap_B_T(slp, tlp, first), ones)
         out[f"peer_reward/{t}"] = sum(
-            score(r, ex.answer, peer_data[t].reward) for r, ex in zip(sub.responses, sub.examples)
+            score(r, ex.answer, (verifiers or {}).get(ex.domain, peer_data[t].reward))
+            for r, ex in zip(sub.responses, sub.examples)
         ) / len(idx)
 
     advantages = opd_advantages_B_T(teacher_lp, rollout.old_logprobs, beta, mask)

@@ -39,6 +39,18 @@ def branch_datasets(spec: CoPDRunSpec, storage: Path) -> dict[str, Dataset]:
     }
 
 
+def opd_peers(spec: CoPDRunSpec, student: str, datasets: dict[str, Dataset]) -> dict[str, Dataset]:
+    """Teacher name → the prompts `student` samples on for it (`CoPDRunSpec.opd_prompt_branches`):
+    the teacher's own dataset, or for a hub-and-spoke spoke the union of every other branch's
+    training prompts (drawn uniformly from the union), which the hub scores."""
+    out = {}
+    for t in spec.teachers_of(student):
+        sources = [datasets[n] for n in spec.opd_prompt_branches(student, t)]
+        out[t] = sources[0] if len(sources) == 1 else Dataset(
+            domain=t, train=[ex for d in sources for ex in d.train], eval=[], reward=datasets[t].reward)
+    return out
+
+
 def stage_start_model(spec: CoPDRunSpec, storage: Path, branch: str, cycle: int, stage: str,
                       skipped: list[str] | None = None) -> Path:
     """The weights a branch had when (cycle, stage) began: its frozen teacher snapshot (the newest
@@ -106,9 +118,9 @@ def run_branch_stage(
         if stage == Stage.RL:
             m = grpo_step(policy, optimizer, datasets[branch], spec.rl, rng, reference=reference)
         else:
-            peers = {t: datasets[t] for t in spec.teachers_of(branch)}
-            m = opd_step(policy, optimizer, peers, hub, spec.beta_for(branch), spec.rl, spec.opd,
-                         spec.diagnostics, rng)
+            m = opd_step(policy, optimizer, opd_peers(spec, branch, datasets), hub, spec.beta_for(branch),
+                         spec.rl, spec.opd, spec.diagnostics, rng,
+                         verifiers={d.domain: d.reward for d in datasets.values()})
         rewards.append(m["reward_mean"])
         if sink:
             sink({"run": run_name, "branch": branch, "phase": stage.value, "cycle": cycle, "step": step + 1,

@@ -103,7 +103,7 @@ def test_identical_weights_give_exactly_zero_opd_gap(tiny_dirs):
     m = opd_step(student, opt, peers, hub, beta=1.0, rl=RLSpec(batch_size=4, max_new_tokens=6, temperature=0.7),
                  opd=OPDSpec(samples_per_prompt=2), diag=DiagnosticsSpec(top_k=4), rng=random.Random(0))
     assert m["tokens"] > 0 and m["advantage_mean"] == 0.0 and m["skipped"] == 1.0
-    assert m["topk_overlap/a"] == m["topk_overlap/b"] == 1.0 and m["symmetric_kl/b"] == 0.0
+    assert m["topk_overlap/a"] == m["topk_overlap/b"] == 1.0 and m["topk_union_symmetric_kl/b"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, student.model.parameters()))
 
 

@@ -126,6 +126,20 @@ def test_aligned_branches_merge_early():
     assert StopWork("Merged") in acts
 
 
+def test_without_min_cycles_an_aligned_run_still_trains_every_cycle():
+    """minCycles defaults to schedule.cycles: readiness at cycle 1 does not cut the schedule short."""
+    b = SpecBuilder()
+    del b.doc["spec"]["mergeReadiness"]["minCycles"]
+    spec = b.obj()
+    s = _to_diagnose(spec)
+    s, acts = step(spec, s, diag(1, 0.99, kl=0.01))
+    assert (s.phase, s.cycle, s.stage) == (Phase.RUNNING, 2, Stage.RL) and not s.merge_ready
+    assert {c.type: c.reason for c in s.conditions}["MergeReady"] == "BeforeMinCycles"
+    s = _to_diagnose(spec, 2, s)
+    s, acts = step(spec, s, diag(2, 0.99, kl=0.01))
+    assert s.phase == Phase.MERGING and s.merge_ready and work(acts) == [RunMerge(ready=True)]
+
+
 def test_not_aligned_goes_to_next_cycle_then_merges_with_warning():
     spec = SpecBuilder().obj()
     s = _to_diagnose(spec)

@@ -82,3 +82,27 @@ def test_hub_and_spoke_topology():
     assert spec.teachers_of("arith") == ["reverse", "maxbox"]
     assert spec.teachers_of("reverse") == ["arith"]
     assert spec.directions() == [("arith", "reverse"), ("arith", "maxbox"), ("reverse", "arith"), ("maxbox", "arith")]
+    # the hub relays: a spoke samples on every other branch's prompts (the hub's and the other spokes')
+    assert spec.opd_prompt_branches("reverse", "arith") == ["arith", "maxbox"]
+    assert spec.opd_prompt_branches("maxbox", "arith") == ["arith", "reverse"]
+    assert spec.opd_prompt_branches("arith", "reverse") == ["reverse"]  # the hub learns each spoke on its own
+    # readiness covers every pair the merge averages, spoke<->spoke included
+    assert set(spec.readiness_directions()) == {(s, t) for s in ("arith", "reverse", "maxbox")
+                                                for t in ("arith", "reverse", "maxbox") if s != t}
+
+
+def test_readiness_pairs_are_the_merged_branches():
+    spec = parse_manifest(_with("spec.merge", {"weights": {"arith": 1.0, "reverse": 1.0, "maxbox": 0.0}})).spec
+    assert spec.readiness_directions() == [("arith", "reverse"), ("reverse", "arith")]
+    mesh = parse_manifest(copy.deepcopy(_with("spec.merge", {}))).spec
+    assert mesh.readiness_directions() == mesh.directions()
+    assert mesh.opd_prompt_branches("reverse", "maxbox") == ["maxbox"]
+
+
+def test_min_cycles_defaults_to_the_schedule():
+    doc = copy.deepcopy(_with("spec.merge", {}))
+    doc["spec"]["schedule"]["cycles"] = 5
+    doc["spec"].get("mergeReadiness", {}).pop("minCycles", None)
+    assert parse_manifest(copy.deepcopy(doc)).spec.readiness_from_cycle() == 5
+    doc["spec"].setdefault("mergeReadiness", {})["minCycles"] = 2  # explicitly asking for an early stop
+    assert parse_manifest(doc).spec.readiness_from_cycle() == 2

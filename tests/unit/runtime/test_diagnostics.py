@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from copd_core.readiness import DirectionDiagnostic, merge_readiness
-from copd_runtime.maths.diagnostics import bucketed_symmetric_kl_B_T, symmetric_kl_B_T, topk_overlap_B_T
+from copd_runtime.maths.diagnostics import (
+    bucketed_symmetric_kl_B_T,
+    mass_overlap_B_T,
+    symmetric_kl_B_T,
+    topk_overlap_B_T,
+)
 from copd_runtime.recipes.opd import _first_occurrence
 
 
@@ -51,6 +56,21 @@ def test_bucketed_kl_is_exact_when_support_covers_vocab_and_a_lower_bound_otherw
     assert torch.allclose(_bucketed(lp, lq, 12), exact, atol=1e-4)
     for k in (1, 3, 6):
         assert torch.all(_bucketed(lp, lq, k) <= exact + 1e-5)
+
+
+def test_mass_overlap_is_one_minus_total_variation_on_the_whole_vocab_and_a_lower_bound_on_a_union():
+    g = torch.Generator().manual_seed(4)
+    lp = torch.log_softmax(torch.randn(3, 4, 12, generator=g) * 2, -1)
+    lq = torch.log_softmax(torch.randn(3, 4, 12, generator=g) * 2, -1)
+    full = torch.arange(12).expand(3, 4, 12)
+    tv = 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+    exact = mass_overlap_B_T(lp, lq, torch.ones(3, 4, 12, dtype=torch.bool))
+    assert torch.allclose(exact, 1 - tv, atol=1e-5)
+    assert torch.allclose(mass_overlap_B_T(lp, lp, _first_occurrence(full)), torch.ones(3, 4), atol=1e-5)
+    for k in (1, 3, 6):
+        support = torch.cat([lp.topk(k, -1).indices, lq.topk(k, -1).indices], -1)
+        got = mass_overlap_B_T(lp.gather(-1, support), lq.gather(-1, support), _first_occurrence(support))
+        assert torch.all(got <= exact + 1e-6) and torch.all(got >= 0)
 
 
 def test_first_occurrence_marks_duplicates():

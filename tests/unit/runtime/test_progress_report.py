@@ -75,7 +75,7 @@ def test_the_patch_touches_only_status_progress_with_a_fresh_token(api, tmp_path
     token = tmp_path / "token"
     token.write_text("tok-1\n")
     r = pr.ProgressReporter(srv.url, token_file=token, interval_s=0.0)
-    r.update(record(3, stage="OPD", **{"topk_overlap/reverse": 0.93, "symmetric_kl/reverse": 0.2,
+    r.update(record(3, stage="OPD", **{"topk_overlap/reverse": 0.93, "topk_union_symmetric_kl/reverse": 0.2,
                                        "topk_overlap/maxbox": 0.81}))
     wait_until(lambda: len(srv.requests) == 1)
     token.write_text("tok-2")  # the kubelet rotated the projected token
