@@ -1,5 +1,5 @@
 # The few commands a person needs. See README.md.
-.PHONY: setup demo test test-fast chaos cluster-up cluster-down crds lint compare
+.PHONY: setup demo test test-fast chaos cluster-up cluster-down crds lint compare scale
 
 UV := $(or $(wildcard $(HOME)/.cache/copd-operator/tools/uv-*/bin/uv),uv)
 
@@ -39,3 +39,7 @@ compare:          ## the science comparison (docs/science.md; ~15-30 min on 2 co
 
 observe-demo:     ## Prometheus + Alertmanager fire CoPDTopKOverlapCollapse for a diverging run (README "Observe")
 	scripts/observe-demo.sh
+
+RUNS ?= 1000
+scale:            ## fleet benchmark: RUNS (1000) CoPDRuns at once on the KWOK cluster, one operator (README "Running many runs")
+	.venv/bin/python -m bench.operator_scale --runs $(RUNS)

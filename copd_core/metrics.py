@@ -45,6 +45,20 @@ class CoPDMetrics:
                                         buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400))
         self.reconcile_errors = Counter("copd_reconcile_errors_total", "Reconcile attempts that raised, by kind.",
                                         ["kind"], registry=r)
+        # -- the operator's own load (bench/operator_scale.py; README "Running many runs")
+        self.reconcile_duration = Histogram("copd_reconcile_duration_seconds", "Wall time of one reconcile of "
+                                            "one run (gather, decide, writes).", registry=r,
+                                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.workqueue_depth = Gauge("copd_workqueue_depth", "Runs waiting in the work queue, by priority "
+                                     "(event: a watch event or a requeue; resync: the periodic pass).",
+                                     ["priority"], registry=r)
+        self.workqueue_latency = Histogram("copd_workqueue_latency_seconds", "Time a run waited in the work "
+                                           "queue before a worker took it, by priority.", ["priority"], registry=r,
+                                           buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+                                                    60, 300))
+        self.api_requests = Counter("copd_api_requests_total", "Requests the operator sent to the Kubernetes API, "
+                                    "by verb and resource (watches counted when opened).", ["verb", "resource"],
+                                    registry=r)
         self._series: dict[tuple[str, str], set[tuple]] = {}
 
     # -- per-run gauges ---------------------------------------------------------
@@ -96,6 +110,17 @@ class CoPDMetrics:
                 gauge.remove(*labels)
             except KeyError:
                 pass
+
+    # -- the operator's load ------------------------------------------------------
+
+    def api_request(self, verb: str, resource: str) -> None:
+        self.api_requests.labels(verb, resource).inc()
+
+    def queue_depth(self, priority: str, depth: int) -> None:
+        self.workqueue_depth.labels(priority).set(depth)
+
+    def queue_latency(self, priority: str, seconds: float) -> None:
+        self.workqueue_latency.labels(priority).observe(seconds)
 
     # -- events -----------------------------------------------------------------
 

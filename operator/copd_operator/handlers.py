@@ -1,4 +1,10 @@
-"""Thin kopf handlers: every watch event about a run or its children enqueues (namespace, run).
+"""Thin kopf handlers: every watch event about a run enqueues (namespace, run).
+
+kopf watches the CoPDRuns only. The children (Branches, Jobs, Pods, Services, NetworkPolicies,
+claims) are watched by the operator's informers (io/informer.py) with a server-side label selector
+(`copd.io/run`), which feed the index the reconciles read and enqueue the run a child belongs to;
+kopf's own `labels=` filters are applied client-side, after the apiserver has sent every object.
+A run's status write by the reconcile itself comes back as a watch event: skipped (`Reconciler.wrote`).
 
 No handler changes any object, so kopf writes nothing to CoPDRuns (no finalizer,
 no progress annotations); the reconcile itself lives in reconcile.py and runs on
@@ -11,7 +17,7 @@ from __future__ import annotations
 
 import kopf
 
-from copd_operator.logic.naming import BRANCH_PLURAL, GROUP, LABEL_RUN, RUN_PLURAL, VERSION
+from copd_operator.logic.naming import GROUP, RUN_PLURAL, VERSION
 from copd_operator.runtime import OperatorRuntime
 
 
@@ -37,23 +43,13 @@ def cleanup(memo: kopf.Memo, **_) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, RUN_PLURAL)
-def run_event(type: str | None, name: str, namespace: str, memo: kopf.Memo, **_) -> None:
+def run_event(type: str | None, name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, **_) -> None:
     rt = runtime_of(memo)
     key = (namespace, name)
     if type == "DELETED":
         rt.reconciler.metrics.forget_run(namespace, name)
         rt.queue.add(key, delay=1.0)  # a reconcile racing the delete sees 404, forgets series and key
         return
+    if rt.reconciler.wrote(namespace, name, body.get("metadata", {}).get("resourceVersion")):
+        return  # the echo of our own status write: that reconcile has seen everything it holds
     rt.queue.add(key)
-
-
-def _child_event(labels: dict, namespace: str, memo: kopf.Memo, **_) -> None:
-    run = (labels or {}).get(LABEL_RUN)
-    if run:
-        runtime_of(memo).queue.add((namespace, run))
-
-
-kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})(_child_event)
-# Branches: a trainer's live status.progress is folded into the Branch's step at once (not at the next resync)
-kopf.on.event(GROUP, VERSION, BRANCH_PLURAL, labels={LABEL_RUN: kopf.PRESENT})(_child_event)
-kopf.on.event("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT})(_child_event)

@@ -2,7 +2,8 @@
 
     copd-operator --namespace team-a [--namespace team-b] | --all-namespaces
                   [--metrics-port 9090] [--health-port 8081] [--hub-address service|pod-ip]
-                  [--trainer-command "copd"] [--workers 4] [--resync-seconds 3] [--no-network-policy]
+                  [--trainer-command "copd"] [--workers 4] [--resync-minutes 5] [--qps 50 --burst 100]
+                  [--finished-job-ttl-seconds 900] [--no-network-policy]
                   [--leader-elect [--leader-election-namespace NS] [--leader-election-id NAME]]
 """
 
@@ -36,7 +37,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(inert where the network plugin does not enforce NetworkPolicy).")
     p.add_argument("--checkpoint-every", type=int, default=2, help="Trainers checkpoint every N steps.")
     p.add_argument("--workers", type=int, default=4, help="Runs reconciled in parallel.")
-    p.add_argument("--resync-seconds", type=float, default=3.0, help="Reconcile every known run this often.")
+    p.add_argument("--resync-minutes", type=float, default=5.0,
+                   help="Reconcile every known run this often even without a watch event (a safety net: "
+                        "changes of the runs and their children are watched).")
+    p.add_argument("--resync-seconds", type=float, default=None,
+                   help="The same in seconds (overrides --resync-minutes; tests).")
+    p.add_argument("--qps", type=float, default=50.0,
+                   help="Steady rate of API requests the reconciles may send (token bucket; 0: no limit).")
+    p.add_argument("--burst", type=int, default=100, help="Requests allowed at once above --qps.")
+    p.add_argument("--finished-job-ttl-seconds", type=int, default=900,
+                   help="Once a finished Job's report is in the run's status, let Kubernetes delete the Job "
+                        "(and its pods) this many seconds after it finished (ttlSecondsAfterFinished). "
+                        "-1: keep finished Jobs until the run is deleted.")
     p.add_argument("--pod-env", action="append", default=[], metavar="NAME=VALUE",
                    help="Extra environment for every pod the operator makes (repeatable).")
     p.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=False,
@@ -55,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not a.verbose:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event otherwise
+    import threading
+
     import kopf
     from kubernetes import client, config
     from prometheus_client import start_http_server
@@ -62,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     from copd_core.metrics import CoPDMetrics
     from copd_operator import handlers  # noqa: F401 - registers the kopf handlers
     from copd_operator.control.workqueue import WorkQueue
+    from copd_operator.io.apiclient import instrument
     from copd_operator.io.gather import Apis
+    from copd_operator.io.informer import KINDS, ChildIndex, start_informers
     from copd_operator.reconcile import Reconciler
     from copd_operator.runtime import OperatorRuntime
 
@@ -81,8 +97,25 @@ def main(argv: list[str] | None = None) -> int:
     metrics = CoPDMetrics()
     if a.metrics_port is not None:
         start_http_server(a.metrics_port, registry=metrics.registry)
-    rt = OperatorRuntime(queue=WorkQueue(), reconciler=Reconciler(Apis(client.ApiClient()), cfg, metrics),
-                         worker_count=a.workers, resync_s=a.resync_seconds,
+    # the reconciles' client: limited to --qps/--burst, counted; the informers' watches: their own
+    # connections (one long-lived request each), counted, not limited; the Lease: its own, never starved
+    namespaces = None if a.all_namespaces else a.namespace
+    api_client = _client(client, a.workers * 3 + 4)
+    instrument(api_client, a.qps, a.burst, metrics.api_request)
+    watch_client = _client(client, len(KINDS) * len(namespaces or [None]) + 2)
+    instrument(watch_client, 0, 1, metrics.api_request)
+    index = ChildIndex()
+    queue = WorkQueue(metrics)
+    stop_informers = threading.Event()
+    start_informers(Apis(watch_client, index), index, namespaces, lambda ns, run: queue.add((ns, run)),
+                    stop_informers)
+    resync_s = a.resync_seconds if a.resync_seconds is not None else a.resync_minutes * 60
+    from concurrent.futures import ThreadPoolExecutor
+
+    writers = ThreadPoolExecutor(max(4, a.workers * 2), thread_name_prefix="copd-write")
+    reconciler = Reconciler(Apis(api_client, index, pool=writers), cfg, metrics,
+                            finished_job_ttl_s=None if a.finished_job_ttl_seconds < 0 else a.finished_job_ttl_seconds)
+    rt = OperatorRuntime(queue=queue, reconciler=reconciler, worker_count=a.workers, resync_s=resync_s,
                          elector=_elector(a, client.ApiClient()) if a.leader_elect else None)
     if a.health_port is not None:
         from copd_operator.control import health
@@ -95,7 +128,15 @@ def main(argv: list[str] | None = None) -> int:
         # kopf's cleanup handler did this already unless it was cut short; either way the workers
         # have stopped and the Lease is released before the process exits
         rt.shutdown()
+        stop_informers.set()
     return 0
+
+
+def _client(client, pool: int):
+    """An ApiClient of the loaded configuration with a connection pool of `pool` connections."""
+    conf = client.Configuration.get_default_copy()
+    conf.connection_pool_maxsize = max(pool, conf.connection_pool_maxsize or 0)
+    return client.ApiClient(conf)
 
 
 def _elector(a: argparse.Namespace, api_client):

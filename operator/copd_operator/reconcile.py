@@ -5,6 +5,7 @@
       -> decide(spec, status, ...)    copd_core.cycle (pure, shared with `copd run`)
       -> write status                 act.py         (one PUT, only when it changed)
       -> plan(...) : [ops]            plan.py        (pure)
+         + finished_job_cleanup(...)   cleanup.py     (pure: TTL on Jobs whose reports the written status holds)
       -> apply ops, then Events       act.py         (writes)
       -> Branch step/reward gauges    (the Branch statuses written: trainers' live progress folded in)
 
@@ -47,6 +48,7 @@ from copd_core.spec import SpecError
 from copd_operator.io.act import NameConflict, apply_ops, create, patch_run_conditions, write_run_status
 from copd_operator.io.gather import Apis, gather, read_run
 from copd_operator.logic.builders import R_NAME_CONFLICT, OperatorConfig, RunRef, build_event
+from copd_operator.logic.cleanup import finished_job_cleanup
 from copd_operator.logic.lenient import parse_lenient
 from copd_operator.logic.observe import observe
 from copd_operator.logic.plan import Create, Op, branch_statuses, plan
@@ -57,6 +59,7 @@ EVENT_TRIES = 3
 EVENT_RETRY_S = 0.2
 UNSENT_MAX = 50
 STATUS_WRITE_TRIES = 5  # 409s from writers that changed neither the spec nor the status (labels, annotations)
+BLOCKED_RECHECK_S = 10.0  # a Blocked run looks again this often (what it waits for is not watched)
 
 
 class Conflict(Exception):
@@ -84,11 +87,17 @@ def needs_another_pass(ops: list[Op]) -> bool:
 
 class Reconciler:
     def __init__(self, apis: Apis, cfg: OperatorConfig, metrics: CoPDMetrics,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), finished_job_ttl_s: int | None = None):
         self.apis, self.cfg, self.metrics, self.clock = apis, cfg, metrics, clock
         # Events whose every try failed (e.g. the apiserver restarting): sent again, under the same name,
         # at the start of the run's next reconcile; at most UNSENT_MAX per run, oldest dropped first
         self.unsent: dict[tuple[str, str], list[dict]] = {}
+        self.finished_job_ttl_s = finished_job_ttl_s  # None: finished Jobs stay until the run is deleted
+        self._written: dict[tuple[str, str], str] = {}  # (ns, run) -> resourceVersion of our last status write
+
+    def wrote(self, namespace: str, name: str, resource_version: str | None) -> bool:
+        """Whether this resourceVersion of the run is the one our own last status write made."""
+        return resource_version is not None and self._written.get((namespace, name)) == resource_version
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
         snap = gather(self.apis, namespace, name, self.cfg.trainer_service_account,
@@ -96,6 +105,7 @@ class Reconciler:
         if snap is None:
             self.metrics.forget_run(namespace, name)
             self.unsent.pop((namespace, name), None)
+            self._written.pop((namespace, name), None)
             return GONE
         obj = snap.run
         md = obj["metadata"]
@@ -120,9 +130,21 @@ class Reconciler:
             observed = replace(observe(run.spec, status, snap), unknown_fields=unknown)
             new, actions = decide(run.spec, status, observed, now, gen)
             self._write(obj, old, new)
-            self._events(run, actions, now)  # right after the status write: a failing op below cannot lose them
-            ops = plan(run, self.cfg, new, actions, snap, now, gen)
-            conflicts = apply_ops(self.apis, namespace, [op for op in ops if not _is_event(op)])
+            # right after the status write: a failing op below cannot lose them (with a pool, posted while
+            # the ops go out, and waited for before anything is raised)
+            pool = getattr(self.apis, "pool", None)
+            posted = pool.submit(self._events, run, actions, now) if pool is not None else None
+            if posted is None:
+                self._events(run, actions, now)
+            try:
+                ops = plan(run, self.cfg, new, actions, snap, now, gen)
+                if self.finished_job_ttl_s is not None:  # `new` is written: the reports it holds are safe
+                    ops += finished_job_cleanup(run, [b.name for b in run.spec.branches], new, snap,
+                                                self.finished_job_ttl_s)
+                conflicts = apply_ops(self.apis, namespace, [op for op in ops if not _is_event(op)])
+            finally:
+                if posted is not None:
+                    posted.result()
         except Conflict:
             raise
         except Exception as e:  # a condition and an event; the queue retries with per-key backoff
@@ -135,6 +157,8 @@ class Reconciler:
         if needs_another_pass(ops):
             return AGAIN
         wake = next_wakeup_s(new, now)  # a branch attempt in backoff: come back when it may start
+        if observed.blocked:  # a claim / PriorityClass that is not watched: look again soon
+            wake = BLOCKED_RECHECK_S if wake is None else min(wake, BLOCKED_RECHECK_S)
         return DONE if wake is None else Outcome(requeue_after_s=wake + 0.5)
 
     def _record_error(self, obj: dict, status: RunStatus, err: BaseException, now: datetime, gen: int) -> None:
@@ -175,7 +199,11 @@ class Reconciler:
         if body != old:
             for attempt in range(STATUS_WRITE_TRIES):
                 try:
-                    write_run_status(self.apis, obj, body)
+                    res = write_run_status(self.apis, obj, body)
+                    rv = ((res or {}).get("metadata") or {}).get("resourceVersion") if isinstance(res, dict) \
+                        else None
+                    if rv:
+                        self._written[(md["namespace"], md["name"])] = rv
                     break
                 except ApiException as e:
                     if e.status != 409:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from kubernetes.client.rest import ApiException
@@ -47,7 +48,11 @@ class OperatorRuntime:
     # -- the work queue's callbacks
 
     def work(self, key: Key) -> bool:
-        outcome = self.reconciler.reconcile(*key)
+        t0 = time.monotonic()
+        try:
+            outcome = self.reconciler.reconcile(*key)
+        finally:
+            self.reconciler.metrics.reconcile_duration.observe(time.monotonic() - t0)
         self.queue.succeeded(key)
         if outcome.exists and outcome.requeue_after_s is not None:
             self.queue.add(key, delay=outcome.requeue_after_s)

@@ -13,7 +13,8 @@ from tests.chart.helmtools import find, render
 
 HERE = Path(__file__).resolve().parent
 ALERTS = {"CoPDTopKOverlapCollapse", "CoPDTopKOverlapDrop", "CoPDSymmetricKLBlowUp", "CoPDPhaseStuck",
-          "CoPDMergeFailed", "CoPDRunFailed", "CoPDOperatorDown", "CoPDReconcileErrors"}
+          "CoPDMergeFailed", "CoPDRunFailed", "CoPDOperatorDown", "CoPDReconcileErrors",
+          "CoPDOperatorQueueSaturated"}
 
 
 def _rule_groups(helm_bin, *args) -> list[dict]:
@@ -32,7 +33,7 @@ def test_promtool_check_rules(helm_bin, promtool_bin, tmp_path):
         rules = _write(tmp_path / "rules.yaml", _rule_groups(helm_bin, *args))
         p = subprocess.run([promtool_bin, "check", "rules", str(rules)], capture_output=True, text=True)
         assert p.returncode == 0, p.stdout + p.stderr
-        assert "SUCCESS: 8 rules found" in p.stdout, p.stdout
+        assert "SUCCESS: 9 rules found" in p.stdout, p.stdout
 
 
 def test_every_alert_has_a_unit_test(helm_bin):
@@ -60,7 +61,7 @@ def test_thresholds_come_from_values(helm_bin):
     t = {"overlapMin": "0.77", "overlapFor": "7m", "overlapDropFraction": "0.11", "overlapDropWindow": "3h",
          "symmetricKlMax": "2.5", "symmetricKlFor": "9m", "phaseStuckFor": "13h", "mergeFailedWindow": "2h",
          "operatorDownFor": "4m", "reconcileErrors": "42", "reconcileErrorsWindow": "25m",
-         "reconcileErrorsFor": "3m"}
+         "reconcileErrorsFor": "3m", "queueDepth": "77", "queueLatencySeconds": "12", "queueSaturatedFor": "8m"}
     # --set-json: `--set x=0.77` would pass the string "0.77", which the schema refuses (numbers only)
     args = [a for k, v in t.items() for a in ("--set-json" if v[-1].isdigit() else "--set",
                                                 f"prometheusRule.thresholds.{k}={v}")]
@@ -75,3 +76,5 @@ def test_thresholds_come_from_values(helm_bin):
     assert rules["CoPDOperatorDown"]["for"] == "4m"
     assert rules["CoPDReconcileErrors"]["expr"].endswith("[25m])) > 42")
     assert rules["CoPDReconcileErrors"]["for"] == "3m"
+    q = rules["CoPDOperatorQueueSaturated"]
+    assert '{priority="event"}) > 77)' in q["expr"] and q["expr"].endswith("[5m]))) > 12)") and q["for"] == "8m"

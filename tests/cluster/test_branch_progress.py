@@ -107,7 +107,10 @@ def test_kubectl_get_branches_w_shows_live_steps_on_the_process_node(cluster, na
                       in ("Succeeded", "Failed") and s, 420, "the run to end", interval=1.0)
         assert st["phase"] == "Succeeded", (st, op.tail())
         wall = time.monotonic() - t_apply
-        objs = {o["spec"]["branch"]: o["status"] for o in api.branches(namespace)}
+        # the Branches follow the run's status write in the same reconcile (their own writes, a moment later)
+        objs = wait_for(lambda: (o := {o["spec"]["branch"]: o["status"] for o in api.branches(namespace)})
+                        and all(s.get("phase") == "Succeeded" for s in o.values()) and o, 60,
+                        "the Branches to show Succeeded", interval=0.5)
         cr_name = {o["spec"]["branch"]: o["metadata"]["name"] for o in api.branches(namespace)}
         for b, peer in zip(branches, reversed(branches), strict=True):
             s = objs[b]

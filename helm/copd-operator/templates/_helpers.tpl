@@ -75,7 +75,8 @@ RBAC rules, split by scope. Together they are exactly operator/deploy/rbac.yaml'
 - apiGroups: [copd.io]
   resources: [branches/status]
   verbs: [get, update, patch]
-# trainer/diagnose/merge Jobs; the hub pod and Service; pods are read for termination messages
+# trainer/diagnose/merge Jobs; the hub pod and Service; pods are read for termination messages.
+# Every child kind is listed and watched (label copd.io/run, server-side) into the operator's index
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch, delete]
@@ -84,15 +85,15 @@ RBAC rules, split by scope. Together they are exactly operator/deploy/rbac.yaml'
   verbs: [get, list, watch, create, delete]
 - apiGroups: [""]
   resources: [services]
-  verbs: [get, list, create, delete]
+  verbs: [get, list, watch, create, delete]
 # the run's claim: patch moves its owner reference when spec.storage.retainPolicy changes
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [get, create, patch]
+  verbs: [get, list, watch, create, patch]
 # the hub's NetworkPolicy (one per run, owned by it)
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [get, list, create]
+  verbs: [get, list, watch, create]
 - apiGroups: [""]
   resources: [serviceaccounts]
   verbs: [get, create]

@@ -2,8 +2,14 @@
 
 Watch events add keys (deduplicated while waiting); workers take them; a key
 added while it is being reconciled is run again afterwards. A resync adds
-every known key every `resync_s`, which makes the loop level-based even if an
-event is missed. A key whose reconcile raised backs off exponentially (`retry_after`:
+every known key every `resync_s` (minutes by default), which makes the loop
+level-based even if an event is missed.
+
+Two priorities: event-driven adds (watch events, requeues, retries) go before
+resync adds, so a resync of 1,000 idle runs never delays the run whose Job just
+finished; a key waiting as a resync is promoted when an event for it comes. The
+queue reports its depth and each key's wait (`copd_workqueue_depth`,
+`copd_workqueue_latency_seconds`, by priority) when given the metrics. A key whose reconcile raised backs off exponentially (`retry_after`:
 base·2^(n-1), capped), and every add of it waits for that, resyncs included, until
 a reconcile of it succeeds (`succeeded`). (kopf's own daemons/timers would need a finalizer on every
 CoPDRun; this queue needs none, so deleting a run never waits for the operator.)
@@ -15,18 +21,24 @@ import heapq
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+
+from copd_core.metrics import CoPDMetrics
 
 log = logging.getLogger("copd_operator.queue")
 
 Key = tuple[str, str]
+EVENT, RESYNC = 0, 1  # priorities: lower goes first
+PRIORITY_NAMES = ("event", "resync")
 
 
 class WorkQueue:
-    def __init__(self):
+    def __init__(self, metrics: CoPDMetrics | None = None):
         self._cv = threading.Condition()
-        self._ready: list[Key] = []
-        self._waiting: set[Key] = set()
+        self._ready: tuple[deque[Key], deque[Key]] = (deque(), deque())  # may hold stale entries: see _prio
+        self._prio: dict[Key, int] = {}  # waiting keys -> their priority (the deque entry that counts)
+        self._since: dict[Key, float] = {}  # waiting keys -> when they became ready
         self._processing: set[Key] = set()
         self._again: set[Key] = set()
         self._delayed: list[tuple[float, Key]] = []
@@ -34,8 +46,35 @@ class WorkQueue:
         self._closed = False
         self._failures: dict[Key, int] = {}
         self._not_before: dict[Key, float] = {}
+        self.metrics = metrics
+        self._depth = [0, 0]
 
-    def add(self, key: Key, delay: float = 0.0) -> None:
+    def _make_ready(self, key: Key, prio: int) -> None:
+        """Under the lock: `key` waits at `prio` (or better, if it waits already)."""
+        old = self._prio.get(key)
+        if old is not None and old <= prio:
+            return
+        if old is not None:
+            self._depth[old] -= 1  # its entry in the other deque is now stale
+        else:
+            self._since[key] = time.monotonic()
+        self._prio[key] = prio
+        self._depth[prio] += 1
+        self._ready[prio].append(key)
+        self._report_depth()
+
+    def _report_depth(self) -> None:
+        if self.metrics is not None:
+            for p, name in enumerate(PRIORITY_NAMES):
+                self.metrics.queue_depth(name, self._depth[p])
+
+    def depth(self) -> int:
+        with self._cv:
+            return len(self._prio)
+
+    def add(self, key: Key, delay: float = 0.0, resync: bool = False) -> None:
+        """Queue `key`: now, or after `delay` seconds (and never before its error backoff ends). `resync`: the
+        periodic pass, which waits behind every event-driven key."""
         with self._cv:
             self.known.add(key)
             delay = max(delay, self._not_before.get(key, 0.0) - time.monotonic())  # a key in error backoff
@@ -43,9 +82,8 @@ class WorkQueue:
                 heapq.heappush(self._delayed, (time.monotonic() + delay, key))
             elif key in self._processing:
                 self._again.add(key)
-            elif key not in self._waiting:
-                self._waiting.add(key)
-                self._ready.append(key)
+            else:
+                self._make_ready(key, RESYNC if resync else EVENT)
             self._cv.notify()
 
     def forget(self, key: Key) -> None:
@@ -80,15 +118,12 @@ class WorkQueue:
                 now = time.monotonic()
                 while self._delayed and self._delayed[0][0] <= now:
                     _, key = heapq.heappop(self._delayed)
-                    if key not in self._waiting and key not in self._processing:
-                        self._waiting.add(key)
-                        self._ready.append(key)
-                    elif key in self._processing:
+                    if key in self._processing:
                         self._again.add(key)
-                if self._ready:
-                    key = self._ready.pop(0)
-                    self._waiting.discard(key)
-                    self._processing.add(key)
+                    else:
+                        self._make_ready(key, EVENT)
+                key = self._pop()
+                if key is not None:
                     return key
                 if now >= deadline:
                     return None
@@ -98,13 +133,29 @@ class WorkQueue:
                 self._cv.wait(wait)
             return None
 
+    def _pop(self) -> Key | None:
+        """Under the lock: the next key, event-driven ones first; marks it processing."""
+        for prio, dq in enumerate(self._ready):
+            while dq:
+                key = dq.popleft()
+                if self._prio.get(key) != prio:
+                    continue  # stale: promoted to events, or taken already
+                del self._prio[key]
+                self._depth[prio] -= 1
+                waited = time.monotonic() - self._since.pop(key, time.monotonic())
+                if self.metrics is not None:
+                    self.metrics.queue_latency(PRIORITY_NAMES[prio], waited)
+                self._report_depth()
+                self._processing.add(key)
+                return key
+        return None
+
     def done(self, key: Key) -> None:
         with self._cv:
             self._processing.discard(key)
             if key in self._again:
                 self._again.discard(key)
-                self._waiting.add(key)
-                self._ready.append(key)
+                self._make_ready(key, EVENT)
                 self._cv.notify()
 
     def close(self) -> None:
@@ -184,4 +235,4 @@ class Workers:
     def _resync(self) -> None:
         while not self._stop.wait(self.resync_s):
             for key in list(self.queue.known):
-                self.queue.add(key)
+                self.queue.add(key, resync=True)

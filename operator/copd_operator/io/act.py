@@ -50,13 +50,27 @@ def _read(apis: Apis, namespace: str, kind: str, name: str) -> dict | None:
         raise
 
 
+def _remember(apis: Apis, kind: str, res) -> None:
+    """Fold the apiserver's answer to our write into the informers' index (read-your-writes)."""
+    if apis.index is None or res is None:
+        return
+    if hasattr(res, "data"):
+        try:
+            res = json.loads(res.data)
+        except (TypeError, ValueError):
+            return
+    apis.index.remember(kind, res)
+
+
 def create(apis: Apis, namespace: str, obj: dict) -> dict | None:
     """Create; an object of ours that already exists is fine (deterministic names). Returns the object.
     Raises NameConflict when the name is taken by an object we did not make."""
     kind = obj["kind"]
     try:
         if kind == "Branch":
-            return apis.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, BRANCH_PLURAL, obj)
+            res = apis.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, BRANCH_PLURAL, obj)
+            _remember(apis, kind, res)
+            return res
         call = {
             "Job": apis.batch.create_namespaced_job,
             "Pod": apis.core.create_namespaced_pod,
@@ -67,6 +81,7 @@ def create(apis: Apis, namespace: str, obj: dict) -> dict | None:
             "Event": apis.core.create_namespaced_event,
         }[kind]
         res = call(namespace, obj, _preload_content=False)
+        _remember(apis, kind, res)
         log.info("created %s %s/%s", kind, namespace, obj["metadata"]["name"])
         return res
     except ApiException as e:
@@ -85,11 +100,13 @@ def patch(apis: Apis, namespace: str, op: Patch) -> None:
         if op.kind == "Branch":
             fn = (apis.custom.patch_namespaced_custom_object_status if op.status
                   else apis.custom.patch_namespaced_custom_object)
-            fn(GROUP, VERSION, namespace, BRANCH_PLURAL, op.name, op.body)
+            _remember(apis, op.kind, fn(GROUP, VERSION, namespace, BRANCH_PLURAL, op.name, op.body))
         elif op.kind == "Job":
-            apis.batch.patch_namespaced_job(op.name, namespace, op.body)
+            _remember(apis, op.kind, apis.batch.patch_namespaced_job(op.name, namespace, op.body,
+                                                                     _preload_content=False))
         elif op.kind == "PersistentVolumeClaim":
-            apis.core.patch_namespaced_persistent_volume_claim(op.name, namespace, op.body)
+            _remember(apis, op.kind, apis.core.patch_namespaced_persistent_volume_claim(
+                op.name, namespace, op.body, _preload_content=False))
         else:
             raise ValueError(f"cannot patch {op.kind}")
     except ApiException as e:
@@ -108,30 +125,57 @@ def delete(apis: Apis, namespace: str, op: Delete) -> None:
             raise
 
 
+def _apply_one(apis: Apis, namespace: str, op: Op) -> NameConflict | None:
+    if isinstance(op, Create):
+        try:
+            create(apis, namespace, op.obj)
+        except NameConflict as e:
+            log.warning("%s: %s", namespace, e)
+            return e
+    elif isinstance(op, Patch):
+        patch(apis, namespace, op)
+    elif isinstance(op, Delete):
+        delete(apis, namespace, op)
+    return None
+
+
+def _first(op: Op) -> bool:
+    """Ops that must be done before the others start: the hub's NetworkPolicy exists before its pod."""
+    return isinstance(op, Create) and op.obj.get("kind") == "NetworkPolicy"
+
+
 def apply_ops(apis: Apis, namespace: str, ops: list[Op]) -> list[NameConflict]:
-    """Apply every op; returns the name conflicts met (the other ops still ran)."""
-    conflicts = []
-    for op in ops:
-        if isinstance(op, Create):
+    """Apply every op; returns the name conflicts met (the other ops still ran).
+
+    The ops of one plan are independent (a Job whose Branch is created in the same plan waits for
+    the next one), so with `apis.pool` (an executor) they go out at once and a stage transition costs
+    about one round trip instead of one per child; every op is waited for, then the first error raised."""
+    pool = getattr(apis, "pool", None)
+    first = [op for op in ops if _first(op)]
+    rest = [op for op in ops if not _first(op)]
+    results = [_apply_one(apis, namespace, op) for op in first]
+    if pool is None or len(rest) < 2:
+        results += [_apply_one(apis, namespace, op) for op in rest]
+    else:
+        futures = [pool.submit(_apply_one, apis, namespace, op) for op in rest]
+        errors = []
+        for f in futures:
             try:
-                create(apis, namespace, op.obj)
-            except NameConflict as e:
-                log.warning("%s: %s", namespace, e)
-                conflicts.append(e)
-        elif isinstance(op, Patch):
-            patch(apis, namespace, op)
-        elif isinstance(op, Delete):
-            delete(apis, namespace, op)
-    return conflicts
+                results.append(f.result())
+            except Exception as e:  # noqa: BLE001 - re-raised below, once every op has ended
+                errors.append(e)
+        if errors:
+            raise errors[0]
+    return [c for c in results if c is not None]
 
 
-def write_run_status(apis: Apis, run: dict, status: dict) -> None:
+def write_run_status(apis: Apis, run: dict, status: dict) -> dict:
     """PUT the whole status with the resourceVersion we read: a concurrent writer makes it 409."""
     body = {"apiVersion": run["apiVersion"], "kind": run["kind"], "metadata": run["metadata"],
             "spec": run.get("spec"), "status": status}
     md = run["metadata"]
-    apis.custom.replace_namespaced_custom_object_status(GROUP, VERSION, md["namespace"], RUN_PLURAL, md["name"],
-                                                        body)
+    return apis.custom.replace_namespaced_custom_object_status(GROUP, VERSION, md["namespace"], RUN_PLURAL,
+                                                               md["name"], body)
 
 
 def patch_run_conditions(apis: Apis, namespace: str, name: str, conditions: list[dict]) -> None:

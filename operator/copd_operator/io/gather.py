@@ -1,13 +1,22 @@
 """The only code that reads the cluster: one CoPDRun and everything labelled with it -> Snapshot.
 
-Children are listed by label `copd.io/run=<run>` and kept only when owned by this
+Children are those labelled `copd.io/run=<run>`, kept only when owned by this
 very object (uid), so a run deleted and re-created under the same name never
 sees its predecessor's children while the garbage collector removes them.
+
+Where they come from: the informers' index (io/informer.py, fed by watches) once it
+has synced, so a steady-state reconcile makes one GET (the run) and no LIST; before
+that (start-up) and without an index (tests, tools), one LIST per kind. Objects outside
+the run's labels are checked with a short-lived cache of positive answers (`Ttl`): a
+PriorityClass, the shared trainer ServiceAccount, a claim named in spec.storage.claimName.
+A missing one is asked again each time (the run is Blocked until it exists).
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -24,10 +33,37 @@ from copd_operator.logic.naming import (
 )
 from copd_operator.logic.observe import Snapshot
 
+EXISTS_TTL_S = 60.0  # how long a seen PriorityClass / ServiceAccount / named claim is taken to still exist
+
+
+class Ttl:
+    """Positive answers of existence checks, kept for `ttl_s`. Thread-safe."""
+
+    def __init__(self, ttl_s: float = EXISTS_TTL_S, clock=time.monotonic):
+        self.ttl_s, self.clock = ttl_s, clock
+        self._seen: dict[tuple, float] = {}
+        self._lock = threading.Lock()
+
+    def fresh(self, key: tuple) -> bool:
+        with self._lock:
+            t = self._seen.get(key)
+            return t is not None and self.clock() - t < self.ttl_s
+
+    def saw(self, key: tuple) -> None:
+        with self._lock:
+            self._seen[key] = self.clock()
+
+    def forget(self, key: tuple) -> None:
+        with self._lock:
+            self._seen.pop(key, None)
+
 
 class Apis:
-    def __init__(self, api_client: client.ApiClient):
+    def __init__(self, api_client: client.ApiClient, index=None, pool=None):
         self.api_client = api_client
+        self.index = index  # informer.ChildIndex, or None: LIST every time
+        self.pool = pool  # a concurrent.futures executor: one plan's writes go out at once (act.apply_ops)
+        self.exists_cache = Ttl()
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
@@ -48,6 +84,15 @@ def _exists(call, *args) -> bool:
         if e.status == 404:
             return False
         raise
+
+
+def _exists_cached(apis: Apis, key: tuple, call, *args) -> bool:
+    if apis.exists_cache.fresh(key):
+        return True
+    if _exists(call, *args):
+        apis.exists_cache.saw(key)
+        return True
+    return False
 
 
 def _owned_by(obj: dict, uids: set[str]) -> bool:
@@ -80,24 +125,35 @@ def gather(apis: Apis, namespace: str, name: str, trainer_service_account: str,
             return None
         raise
     uid = run["metadata"]["uid"]
-    sel = f"{LABEL_RUN}={name}"
+    idx = apis.index if apis.index is not None and apis.index.synced() else None
+    if idx is not None:
+        def children(kind: str) -> list[dict]:
+            return idx.children(kind, namespace, name)
+    else:
+        sel = f"{LABEL_RUN}={name}"
+        lists = {
+            "Branch": lambda: apis.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, BRANCH_PLURAL,
+                                                                        label_selector=sel, _preload_content=False),
+            "Job": lambda: apis.batch.list_namespaced_job(namespace, label_selector=sel, _preload_content=False),
+            "Pod": lambda: apis.core.list_namespaced_pod(namespace, label_selector=sel, _preload_content=False),
+            "Service": lambda: apis.core.list_namespaced_service(namespace, label_selector=sel,
+                                                                 _preload_content=False),
+            "NetworkPolicy": lambda: apis.networking.list_namespaced_network_policy(
+                namespace, label_selector=sel, _preload_content=False),
+        }
+
+        def children(kind: str) -> list[dict]:
+            return json.loads(lists[kind]().data)["items"]
     branches = {}
-    for b in _raw(apis.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, BRANCH_PLURAL,
-                  label_selector=sel)["items"]:
+    for b in children("Branch"):
         if _owned_by(b, {uid}):
             branches[b["spec"]["branch"]] = b
     owners = {uid} | {b["metadata"]["uid"] for b in branches.values()}
-    jobs = {j["metadata"]["name"]: j
-            for j in _raw(apis.batch.list_namespaced_job, namespace, label_selector=sel)["items"]
-            if _owned_by(j, owners)}
+    jobs = {j["metadata"]["name"]: j for j in children("Job") if _owned_by(j, owners)}
     job_uids = {j["metadata"]["uid"] for j in jobs.values()}
-    pods = [p for p in _raw(apis.core.list_namespaced_pod, namespace, label_selector=sel)["items"]
-            if _owned_by(p, {uid} | job_uids)]
-    services = {s["metadata"]["name"]: s
-                for s in _raw(apis.core.list_namespaced_service, namespace, label_selector=sel)["items"]
-                if _owned_by(s, {uid})}
-    policies = {p["metadata"]["name"]: p
-                for p in _raw(apis.networking.list_namespaced_network_policy, namespace, label_selector=sel)["items"]
+    pods = [p for p in children("Pod") if _owned_by(p, {uid} | job_uids)]
+    services = {s["metadata"]["name"]: s for s in children("Service") if _owned_by(s, {uid})}
+    policies = {p["metadata"]["name"]: p for p in children("NetworkPolicy")
                 if _owned_by(p, {uid})} if network_policies else {}
     spec = run.get("spec") or {}
     storage = spec.get("storage") or {}
@@ -105,18 +161,22 @@ def gather(apis: Apis, namespace: str, name: str, trainer_service_account: str,
     snap = Snapshot(run=run, branches=branches, jobs=jobs, pods=pods, services=services,
                     network_policies=policies)
     if claim:
-        snap.pvc_exists = _exists(apis.core.read_namespaced_persistent_volume_claim, claim, namespace)
+        snap.pvc_exists = _exists_cached(apis, ("pvc", namespace, claim),
+                                         apis.core.read_namespaced_persistent_volume_claim, claim, namespace)
         snap.claim_missing = None if snap.pvc_exists else claim
     else:
         # someone else's claim under our name is not ours: the create then meets it (NameConflict)
-        snap.pvc = _claim_of(_read(apis.core.read_namespaced_persistent_volume_claim,
-                                   pvc_name(RunKey.of(run)), namespace), uid)
+        own = pvc_name(RunKey.of(run))
+        found = idx.get("PersistentVolumeClaim", namespace, own) if idx is not None else \
+            _read(apis.core.read_namespaced_persistent_volume_claim, own, namespace)
+        snap.pvc = _claim_of(found, uid)
         snap.pvc_exists = snap.pvc is not None
     pc = (spec.get("trainer") or {}).get("priorityClassName")
-    if pc and not _exists(apis.scheduling.read_priority_class, pc):
+    if pc and not _exists_cached(apis, ("priorityclass", pc), apis.scheduling.read_priority_class, pc):
         snap.priority_class_missing = pc
-    snap.trainer_sa_exists = _exists(apis.core.read_namespaced_service_account, trainer_service_account,
-                                     namespace)
+    snap.trainer_sa_exists = _exists_cached(apis, ("serviceaccount", namespace, trainer_service_account),
+                                            apis.core.read_namespaced_service_account, trainer_service_account,
+                                            namespace)
     return snap
 
 

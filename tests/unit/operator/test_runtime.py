@@ -16,7 +16,7 @@ class FakeReconciler:
     def __init__(self, outcomes):
         self.outcomes, self.calls = list(outcomes), []
         self.metrics = SimpleNamespace(reconcile_errors=SimpleNamespace(labels=lambda kind: SimpleNamespace(
-            inc=lambda: self.calls.append(("error", kind)))))
+            inc=lambda: self.calls.append(("error", kind)))), reconcile_duration=SimpleNamespace(observe=lambda s: None))
 
     def reconcile(self, namespace, name):
         self.calls.append((namespace, name))
