@@ -329,7 +329,71 @@ def test_schedule_edited_mid_stage(cluster, namespace, tmp_path):
         st = wait_end(api, namespace, "sched", 600, op)
         assert st["phase"] == "Succeeded", (st, op.tail())
         never_wedged(st)
+        for b in ("arith", "reverse"):  # the RL Jobs ran the steps they were started with
+            rep = final_report(api, namespace, trainer_of(b, "RL"))
+            assert rep.get("step") == 6 and rep.get("done"), (b, rep)
         fault("schedule-edit-mid-stage", recovered, "nothing (RL Jobs finished their 6 steps, then OPD; "
               "no ReconcileError)")
     finally:
         op.stop()
+
+
+def fill_up(path: Path, leave: int) -> None:
+    """Fill the file system of `path` (the trainer may be writing meanwhile), then give `leave` bytes back."""
+    chunk = b"\0" * (1 << 16)
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError as e:
+            if e.errno != 28:  # ENOSPC: full, as wanted
+                raise
+        f.truncate(max(0, f.tell() - leave))
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.cluster
+@pytest.mark.chaos
+@pytest.mark.slow
+def test_storage_full_while_checkpointing_on_the_claim(cluster, namespace, tmp_path):
+    """The branch's checkpoint directory on the claim is a real tmpfs (the process node's volume) that fills
+    up after the first checkpoint: the next write fails with the kernel's ENOSPC, the trainer reports
+    StorageFull (exit 3: FailJob, no retries), the run goes Failed/StorageFull naming the intact previous
+    checkpoint, which still verifies. Needs the right to mount (root); skipped where it is refused."""
+    from copd_runtime.checkpoint import verify_checkpoint
+
+    apply_crds(cluster)
+    api = Api(cluster)
+    op = proc_operator(cluster, namespace, tmp_path)
+    mounted = None
+    try:
+        apply_doc(cluster, namespace, proc_run("full", rl=8, opd=0))
+        ckdir = wait_for(lambda: (d := checkpoints_dir(cluster, api, namespace, "full", "arith"))
+                         and d.parent.parent.parent.exists() and d, 120, "the claim's directory", interval=0.2)
+        ckdir.mkdir(parents=True, exist_ok=True)
+        if not _mount_tmpfs(ckdir, "64m"):
+            pytest.skip("mounting a tmpfs is refused here; tests/model/test_checkpoint_faults.py covers it")
+        mounted = ckdir
+        first = wait_for(lambda: checkpoints(ckdir), 400, "arith's first checkpoint", interval=0.1)[0]
+        size = sum(f.stat().st_size for f in first.rglob("*") if f.is_file())
+        fill_up(ckdir / "filler", leave=size // 2)
+        t = time.monotonic()
+        st = wait_end(api, namespace, "full", 600, op)
+        took = time.monotonic() - t
+        failed = cond(st, "Failed")
+        assert st["phase"] == "Failed" and failed["reason"] == "StorageFull", (st, op.tail())
+        kept = checkpoints(ckdir)[-1]
+        assert f"{kept.name} is intact" in failed["message"] and "no space left" in failed["message"], failed
+        assert verify_checkpoint(kept) is None and not list(ckdir.glob(".tmp-*"))
+        (job,) = [j for j in api.jobs(namespace) if (j.metadata.labels or {}).get("copd.io/branch") == "arith"]
+        assert (job.status.failed or 0) == 1 and st.get("restarts", 0) == 0, job.status  # FailJob: no retries
+        fault("storage-full", took, f"the steps after {kept.name}, which is intact (run Failed/StorageFull, "
+              f"1 pod, no retries)")
+    finally:
+        op.stop()
+        if mounted is not None:
+            subprocess.run(["umount", "-l", str(mounted)], capture_output=True)
