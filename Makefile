@@ -1,5 +1,5 @@
 # The few commands a person needs. See README.md.
-.PHONY: setup demo test test-fast chaos cluster-up cluster-down crds lint compare scale
+.PHONY: setup demo test test-fast chaos cluster-up cluster-down crds lint compare scale builtin-models
 
 UV := $(or $(wildcard $(HOME)/.cache/copd-operator/tools/uv-*/bin/uv),uv)
 
@@ -33,6 +33,9 @@ lint:             ## ruff, the import contracts (layers, no cycles), and uv.lock
 	.venv/bin/ruff check .
 	.venv/bin/lint-imports
 	$(firstword $(UV)) lock --check --quiet
+
+builtin-models:   ## rebuild the shipped builtin base models + their SHA256SUMS.json (copd_runtime/builtin/weights)
+	.venv/bin/python -m copd_runtime.builtin.build
 
 compare:          ## the science comparison (docs/science.md; ~15-30 min on 2 cores)
 	.venv/bin/python -m experiments.compare examples/compare.yaml --output runs/compare --jobs 2

@@ -155,7 +155,8 @@ def _print_summary(s: dict) -> None:
 
 @app.command("build-base")
 def build_base(name: str, output: Annotated[Path, typer.Option("--output", "-o")]) -> None:
-    """Build a builtin tiny base model (tiny-qwen3, tiny-qwen3-vl) into a HF directory."""
+    """Rebuild a builtin tiny base model (tiny-qwen3, tiny-qwen3-vl) from its builder into a HF directory
+    (runs use the shipped copy in copd_runtime/builtin/weights)."""
     from copd_runtime.builtin.build import build_builtin
     from copd_runtime.models.policy import atomic_dir
 

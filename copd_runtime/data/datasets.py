@@ -13,6 +13,7 @@ on them really diverge:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable
@@ -49,15 +50,34 @@ TEXT_DOMAINS: dict[str, tuple[Callable[[random.Random], tuple[str, str]], Reward
 VISION_DOMAINS = ("color", "motion")
 
 
-def text_examples(domain: str, n: int, seed: int) -> list[Example]:
+EVAL_SHARE = 5  # 1 prompt in EVAL_SHARE (by hash) is held out for evaluation
+
+
+def split_of(prompt: str) -> str:
+    """`eval` or `train`, a fixed function of the prompt text: the builtin text domains' train and
+    eval sets are disjoint by construction (a prompt is only ever drawn into its own split)."""
+    return "eval" if hashlib.sha256(prompt.encode()).digest()[0] % EVAL_SHARE == 0 else "train"
+
+
+def text_examples(domain: str, n: int, seed: int, split: str = "train") -> list[Example]:
+    """`n` examples of a builtin text domain whose prompts belong to `split` (rejection sampling
+    from the domain's generator; repeats are possible, crossing the split is not)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be train or eval, not {split!r}")
     gen, _ = TEXT_DOMAINS[domain]
     rng = random.Random(f"{domain}:{seed}")
-    return [Example(*gen(rng), domain=domain) for _ in range(n)]
+    out: list[Example] = []
+    while len(out) < n:
+        prompt, answer = gen(rng)
+        if split_of(prompt) == split:
+            out.append(Example(prompt, answer, domain=domain))
+    return out
 
 
-def builtin_examples(domain: str, n: int, seed: int, media_dir: Path | None = None) -> list[Example]:
+def builtin_examples(domain: str, n: int, seed: int, media_dir: Path | None = None, split: str = "train"
+                     ) -> list[Example]:
     if domain in TEXT_DOMAINS:
-        return text_examples(domain, n, seed)
+        return text_examples(domain, n, seed, split)
     if domain in VISION_DOMAINS:
         if media_dir is None:
             raise ValueError(f"domain {domain!r} writes images and needs a media directory")
@@ -110,11 +130,12 @@ def write_jsonl(path: Path, examples: list[Example]) -> None:
 def load_dataset(
     name: str, spec: DatasetSpec, reward: RewardSpec | None, storage: Path, seed: int, eval_size: int = 64
 ) -> Dataset:
-    """Train and eval examples for one branch. Builtin eval sets use a disjoint seed."""
+    """Train and eval examples for one branch. Builtin text domains: eval prompts are disjoint from
+    train prompts by construction (`split_of`); builtin vision domains: eval uses another seed."""
     if spec.builtin is not None:
         media = storage / "media" / spec.builtin
-        train = builtin_examples(spec.builtin, spec.size, seed, media)
-        evals = builtin_examples(spec.builtin, eval_size, seed + 1_000_003, media)
+        train = builtin_examples(spec.builtin, spec.size, seed, media, "train")
+        evals = builtin_examples(spec.builtin, eval_size, seed + 1_000_003, media, "eval")
         domain = spec.builtin
     else:
         path = Path(spec.path)

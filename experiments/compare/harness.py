@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from copd_runtime.builtin.build import file_sums, weights_sha256
+from copd_runtime.data.datasets import read_jsonl
 from copd_runtime.model_uri import resolve_model_dir
-from experiments.compare.context import Ctx, write_datasets
+from experiments.compare.context import Ctx, dataset_spec, write_datasets
 from experiments.compare.methods import job_list, run_job
 from experiments.compare.pilot import pilot_jobs, run_pilot_one
 from experiments.compare.report import write_report
@@ -104,7 +106,30 @@ def run_comparison(spec: CompareSpec, out: Path, jobs: int = 1, log=print, pilot
             for f in as_completed(futs):
                 save(*f.result())
     wall = time.monotonic() - t0
-    return write_report(spec, out, base_eval(spec, out), wall_seconds=wall)
+    return write_report(spec, out, base_eval(spec, out), wall_seconds=wall, provenance=base_provenance(spec),
+                        eval_overlap=eval_overlap(spec, storage))
+
+
+def base_provenance(spec: CompareSpec) -> dict:
+    """The base model's identity: for a builtin, the SHA-256 of its shipped weights."""
+    if spec.base_model.startswith("builtin://"):
+        return {"sha256": weights_sha256(spec.base_model.removeprefix("builtin://"))}
+    d = Path(spec.base_model.removeprefix("file://"))
+    return {"sha256": file_sums(d).get("model.safetensors")} if d.is_dir() else {}
+
+
+def eval_overlap(spec: CompareSpec, storage: Path) -> dict:
+    """Measured, per domain: how many eval examples' prompts also occur among the train prompts."""
+    res = {}
+    for d in spec.domains:
+        ds = dataset_spec(storage, d)
+        train = {e.prompt for e in read_jsonl(Path(ds.path), d)}
+        ev = read_jsonl(Path(ds.eval_path), d)
+        hits = sum(e.prompt in train for e in ev)
+        res[d] = {"eval_examples": len(ev), "eval_distinct_prompts": len({e.prompt for e in ev}),
+                  "train_distinct_prompts": len(train), "eval_in_train": hits,
+                  "fraction_in_train": round(hits / len(ev), 4)}
+    return res
 
 
 def main(spec_path: Path, output: Path, jobs: int = 1, pilot: bool = True) -> dict:

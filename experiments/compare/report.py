@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import statistics
 from pathlib import Path
 
@@ -27,8 +28,40 @@ NOTES = {
 }
 
 
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0  # fixed before any run: the intervals are a function of the scores alone
+
+
 def _std(xs: list[float]) -> float:
-    return statistics.pstdev(xs) if len(xs) > 1 else 0.0
+    """Sample standard deviation (n − 1) over seeds; 0 for one seed."""
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def bootstrap_ci(xs: list[float], level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = BOOTSTRAP_SEED) -> list[float]:
+    """Percentile bootstrap interval of the mean of `xs` (resampling seeds with replacement)."""
+    if len(xs) < 2:
+        return [round(xs[0], 4)] * 2 if xs else [float("nan")] * 2
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(xs, k=len(xs))) for _ in range(resamples))
+    lo = means[int((1 - level) / 2 * resamples)]
+    hi = means[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return [round(lo, 4), round(hi, 4)]
+
+
+def paired(a: dict, b: dict) -> dict | None:
+    """CoPD-style method `a` minus baseline `b` on the seeds both ran (same seed = same data order,
+    same step seeds): mean difference of the domain-average score, its sample std, a bootstrap 95%
+    interval, and how many seeds `a` won."""
+    sa = {s["seed"]: s["avg"] for s in a["seeds"]}
+    sb = {s["seed"]: s["avg"] for s in b["seeds"]}
+    common = sorted(set(sa) & set(sb))
+    if not common:
+        return None
+    diffs = [sa[s] - sb[s] for s in common]
+    return {"seeds": common, "diffs": [round(x, 4) for x in diffs], "mean": round(statistics.fmean(diffs), 4),
+            "std": round(_std(diffs), 4), "ci95": bootstrap_ci(diffs),
+            "wins": sum(x > 0 for x in diffs), "losses": sum(x < 0 for x in diffs)}
 
 
 def aggregate(spec: CompareSpec, out: Path) -> dict:
@@ -49,6 +82,7 @@ def aggregate(spec: CompareSpec, out: Path) -> dict:
             "range": {d: [min(v), max(v)] for d, v in per.items()},
             "avg": round(statistics.fmean(avgs), 4),
             "avg_spread": round(_std(avgs), 4),
+            "avg_ci95": bootstrap_ci(avgs),
             "avg_range": [round(min(avgs), 4), round(max(avgs), 4)],
             "updates": runs[0]["updates"], "rl_updates": runs[0]["rl_updates"],
             "opd_updates": runs[0]["opd_updates"], "rollouts": runs[0]["rollouts"],
@@ -79,7 +113,8 @@ def aggregate_pilot(spec: CompareSpec, out: Path) -> dict | None:
     return {"opd_steps": spec.pilot.opd_steps if spec.pilot else None, "rows": rows, "summary": summary}
 
 
-def write_report(spec: CompareSpec, out: Path, base: dict[str, float], wall_seconds: float | None = None) -> dict:
+def write_report(spec: CompareSpec, out: Path, base: dict[str, float], wall_seconds: float | None = None,
+                 provenance: dict | None = None, eval_overlap: dict | None = None) -> dict:
     out = Path(out)
     methods = aggregate(spec, out)
     plots = [plot_scores(spec, methods, base, out / "scores.png")]
@@ -90,8 +125,19 @@ def write_report(spec: CompareSpec, out: Path, base: dict[str, float], wall_seco
     if pilot:
         (out / "pilot.json").write_text(json.dumps(pilot, indent=2))
         plots.append(plot_pilot(pilot, out / "pilot.png"))
+    copd_like = [n for n in methods if n == "copd" or n.startswith("copd@")]
+    baselines = [n for n in methods if n in ("experts_merged", "mixed_rlvr", "static_opd", "copd_oneway",
+                                              "copd_oneshot", "experts")]
     doc = {
         "domains": spec.domains, "seeds": spec.seeds, "base_eval": base,
+        "base_model": {"uri": spec.base_model, **(provenance or {})},
+        "eval_overlap": eval_overlap or {},
+        "statistics": {"spread": "sample std over seeds (n-1)",
+                       "ci95": f"percentile bootstrap of the mean over seeds, {BOOTSTRAP_RESAMPLES} resamples, "
+                               f"RNG seed {BOOTSTRAP_SEED}",
+                       "paired": "per-seed difference of the domain-average score, same seeds"},
+        "paired": {f"{a} - {b}": p for a in copd_like for b in baselines
+                   if (p := paired(methods[a], methods[b])) is not None},
         "budget": {"branches": len(spec.domains), "cycles": spec.budget.cycles,
                    "steps_per_branch_per_cycle": spec.budget.steps_per_cycle,
                    "total_updates": len(spec.domains) * spec.budget.cycles * spec.budget.steps_per_cycle},
@@ -120,7 +166,11 @@ def markdown(spec: CompareSpec, doc: dict, pilot: dict | None, out: Path) -> str
         f"# CoPD comparison ({len(spec.seeds)} seeds: {spec.seeds})", "",
         f"Budget: {b['total_updates']} optimizer updates per method "
         f"(K={b['branches']} × C={b['cycles']} × T={b['steps_per_branch_per_cycle']}). "
-        f"Greedy accuracy on {spec.eval_size} held-out prompts per domain; mean ± population std over seeds.", "",
+        f"Greedy accuracy on {spec.eval_size} held-out prompts per domain (eval prompts disjoint from train "
+        f"prompts by construction; measured overlap "
+        + ", ".join(f"{x} {o['fraction_in_train']:.3f}" for x, o in doc.get("eval_overlap", {}).items())
+        + f"); mean ± sample std over seeds; avg with a bootstrap 95% interval of the mean. Base model "
+        f"`{doc['base_model']['uri']}` sha256 `{doc['base_model'].get('sha256', '?')[:16]}…`.", "",
         "| method | " + " | ".join(d) + " | avg | updates (RL+OPD) | S_RL:S_OPD × cycles | rollouts | run by |",
         "|---|" + "---|" * (len(d) + 5),
         "| base (no training) | " + " | ".join(f"{doc['base_eval'][x]:.3f}" for x in d)
@@ -130,9 +180,18 @@ def markdown(spec: CompareSpec, doc: dict, pilot: dict | None, out: Path) -> str
         cells = [f"{m['eval'][x]:.3f} ± {m['spread'][x]:.3f}" for x in d]
         sched = m.get("schedule")
         sched = f"{sched[0][0]}:{sched[0][1]} × {len(sched)}" if sched else ""
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{m['avg']:.3f}** ± {m['avg_spread']:.3f} | "
+        ci = m.get("avg_ci95") or [float("nan")] * 2
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{m['avg']:.3f}** ± {m['avg_spread']:.3f} "
+                     f"[{ci[0]:.3f}, {ci[1]:.3f}] | "
                      f"{m['updates']} ({m['rl_updates']}+{m['opd_updates']}) | {sched} | {m['rollouts']} | "
                      f"{m.get('executor') or ''} |")
+    if doc.get("paired"):
+        lines += ["", "Paired differences of the domain-average score (same seeds; mean ± sample std, bootstrap "
+                  "95% interval, seeds won/lost):", "", "| comparison | mean diff | 95% interval | won/lost |",
+                  "|---|---|---|---|"]
+        for k, p in doc["paired"].items():
+            lines.append(f"| {k} | {p['mean']:+.3f} ± {p['std']:.3f} | [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] "
+                         f"| {p['wins']}/{p['losses']} of {len(p['seeds'])} |")
     merged = [(n, m) for n, m in doc["methods"].items() if m["seeds"][0].get("branches") and n != "experts"]
     if merged:
         lines += ["", "Branches before the merge (mean over seeds of each branch's own-domain score → merged "

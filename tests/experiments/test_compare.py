@@ -12,11 +12,13 @@ import yaml
 
 from copd_core.cycle import Phase
 from copd_core.spec import CoPDRunManifest, RewardSpec, RLSpec, TruncationRule, Verifier
+from copd_runtime.builtin.build import weights_sha256
 from copd_runtime.builtin.tiny_text import build_tiny_qwen3
 from copd_runtime.data.datasets import text_examples
 from copd_runtime.data.examples import Dataset
 from copd_runtime.local.runner import read_metrics
 from copd_runtime.recipes.grpo import grpo_step
+from experiments.compare.report import bootstrap_ci, paired
 from experiments.compare.spec import BASE_METHODS, CompareSpec, cycle_schedule, load_compare_spec, ratio_name
 
 
@@ -28,11 +30,26 @@ def test_cycle_schedule_keeps_the_per_cycle_total():
 
 def test_example_spec_parses():
     spec = load_compare_spec("examples/compare.yaml")
-    assert spec.domains == ["arith", "reverse", "maxbox"] and len(spec.seeds) >= 3
+    assert spec.domains == ["arith", "reverse", "maxbox"] and len(spec.seeds) >= 5
     assert set(BASE_METHODS) <= set(spec.method_names())
     assert {ratio_name(r) for r in (0.5, 1, 1.5, 3)} <= set(spec.method_names())
     with pytest.raises(ValueError):
         CompareSpec(methods=["copd", "nope"])
+
+
+def test_bootstrap_interval_and_paired_differences():
+    xs = [0.50, 0.55, 0.60, 0.52, 0.58]
+    lo, hi = bootstrap_ci(xs)
+    assert min(xs) <= lo < sum(xs) / 5 < hi <= max(xs)
+    assert bootstrap_ci(xs) == [lo, hi]  # fixed resampling seed: the same scores give the same interval
+    assert bootstrap_ci([0.4, 0.4, 0.4]) == [0.4, 0.4]
+    a = {"seeds": [{"seed": s, "avg": v} for s, v in zip(range(5), xs)]}
+    b = {"seeds": [{"seed": s, "avg": v - d} for s, v, d in zip(range(5), xs, [0.1, 0.0, 0.05, -0.02, 0.1])]}
+    b["seeds"].append({"seed": 9, "avg": 0.0})  # only in b: not paired
+    p = paired(a, b)
+    assert p["seeds"] == [0, 1, 2, 3, 4] and p["diffs"] == [0.1, 0.0, 0.05, -0.02, 0.1]
+    assert p["mean"] == pytest.approx(0.046) and (p["wins"], p["losses"]) == (3, 1)
+    assert p["ci95"][0] <= p["mean"] <= p["ci95"][1] and p["std"] > 0
 
 
 def test_grpo_step_reward_fn_scores_each_example():
@@ -69,11 +86,15 @@ def test_compare_command_contract(tmp_path):
     assert "| copd |" in res.stdout  # prints comparison.md
 
     doc = json.loads((out / "comparison.json").read_text())
+    assert doc["base_model"] == {"uri": "builtin://tiny-qwen3", "sha256": weights_sha256("tiny-qwen3")}
+    assert {d: o["eval_in_train"] for d, o in doc["eval_overlap"].items()} == {"arith": 0, "reverse": 0, "maxbox": 0}
+    assert all(o["eval_examples"] == 16 for o in doc["eval_overlap"].values())
+    assert {"copd - mixed_rlvr", "copd - static_opd", "copd - experts_merged"} <= set(doc["paired"])
     expected = set(BASE_METHODS) | {"copd@3"}
     assert set(doc["methods"]) == expected
     budget = 3 * 2 * 4
     for name, m in doc["methods"].items():
-        assert set(m) >= {"seeds", "eval", "spread", "avg"}
+        assert set(m) >= {"seeds", "eval", "spread", "avg", "avg_ci95"}
         assert [s["seed"] for s in m["seeds"]] == [0]
         assert set(m["eval"]) == {"arith", "reverse", "maxbox"} == set(m["spread"])
         assert all(0.0 <= v <= 1.0 for v in [*m["eval"].values(), *m["spread"].values(), m["avg"]])
