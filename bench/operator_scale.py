@@ -255,6 +255,23 @@ def api_requests(text: str) -> float:
                if line.startswith("copd_api_requests_total{"))
 
 
+def hist_quantile(text: str, name: str, q: float, **labels: str) -> float | None:
+    """The q-quantile of a Prometheus histogram from /metrics text (upper bound of the bucket that holds it)."""
+    buckets = []
+    for line in text.splitlines():
+        if not line.startswith(name + "_bucket{"):
+            continue
+        lab = dict(re.findall(r'(\w+)="([^"]*)"', line.split("{", 1)[1].split("}", 1)[0]))
+        if any(lab.get(k) != v for k, v in labels.items()):
+            continue
+        buckets.append((float("inf") if lab["le"] == "+Inf" else float(lab["le"]), float(line.rsplit(" ", 1)[1])))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    return next(le for le, n in buckets if n >= q * total)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.operator_scale", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=100)
@@ -291,6 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     kubectl(env, "apply", "-n", ns, "-f", "-", input=yaml.safe_dump({
         "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
         "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}}))
+    try:
+        cm = Path(env["COPD_CLUSTER_DIR"], "pids", "kube-controller-manager.pid").read_text().strip()
+        argv_cm = Path(f"/proc/{cm}/cmdline").read_text().split("\0")
+        qps = argv_cm[argv_cm.index("--kube-api-qps") + 1] if "--kube-api-qps" in argv_cm else "20 (default)"
+        log(f"kube-controller-manager --kube-api-qps {qps} (COPD_CM_API_QPS; its Job controller makes the pods)")
+    except (KeyError, OSError, ValueError):
+        pass
     log(f"namespace {ns}, {nodes} fake GPU nodes of {GPUS_PER_NODE} GPUs, {a.runs} runs x {a.cycles} cycles")
 
     port = free_port()
@@ -365,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"transitions measured {len(gaps)}, first pods {len(first)}; operator log {oplog}")
         by = sorted(((float(line.rsplit(" ", 1)[1]), line.split("{", 1)[1].split("}", 1)[0])
                      for line in text.splitlines() if line.startswith("copd_api_requests_total{")), reverse=True)
+        log("operator: reconcile p50/p99 <= {}/{} s, event queue wait p50/p99 <= {}/{} s (bucket bounds)".format(
+            hist_quantile(text, "copd_reconcile_duration_seconds", 0.5),
+            hist_quantile(text, "copd_reconcile_duration_seconds", 0.99),
+            hist_quantile(text, "copd_workqueue_latency_seconds", 0.5, priority="event"),
+            hist_quantile(text, "copd_workqueue_latency_seconds", 0.99, priority="event")))
         log("API requests per run: " + ", ".join(f"{lab} {n / a.runs:.1f}" for n, lab in by))
         print(json.dumps(result), flush=True)
         return 0 if completed == a.runs else 1

@@ -30,6 +30,8 @@
 #   COPD_CM_PORT [20257]  COPD_SCHED_PORT [20259]  COPD_KWOK_PORT [20247]
 #   COPD_PROMETHEUS_PORT [29090]   COPD_ALERTMANAGER_PORT [29093]
 #   COPD_KWOK_NODES [4]   COPD_PROCNODE_NAME [proc-node-0]
+#   COPD_CM_API_QPS [20]  COPD_CM_API_BURST [30]  (kube-controller-manager's client: its Job, TTL and
+#                         GC controllers; bench/operator_scale.py needs more, README "Running many runs")
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,6 +47,7 @@ KWOK_PORT="${COPD_KWOK_PORT:-20247}"
 PROM_PORT="${COPD_PROMETHEUS_PORT:-29090}"
 AM_PORT="${COPD_ALERTMANAGER_PORT:-29093}"
 KWOK_NODES="${COPD_KWOK_NODES:-4}"
+CM_API_QPS="${COPD_CM_API_QPS:-20}" CM_API_BURST="${COPD_CM_API_BURST:-30}"
 PROCNODE="${COPD_PROCNODE_NAME:-proc-node-0}"
 SERVICE_CIDR=10.96.0.0/16
 API="https://127.0.0.1:$API_PORT"
@@ -270,6 +273,19 @@ cmd_target() {
 }
 
 # ---- the kube-apiserver (also `restart kube-apiserver`) -----------------------
+start_controller_manager() {
+  start kube-controller-manager "$CM_PORT" "$KUBE_BIN/kube-controller-manager" \
+    --kubeconfig "$ST/controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$ST/controller-manager.kubeconfig" \
+    --authorization-kubeconfig "$ST/controller-manager.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$CM_PORT" --leader-elect=false \
+    --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
+    --use-service-account-credentials=true \
+    --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
+    --service-cluster-ip-range "$SERVICE_CIDR" --cert-dir "$ST/cm-certs" \
+    --kube-api-qps "$CM_API_QPS" --kube-api-burst "$CM_API_BURST"
+}
+
 start_apiserver() {
   start kube-apiserver "$API_PORT" "$KUBE_BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
@@ -305,15 +321,7 @@ cmd_up() {
   start_apiserver
   wait_for kube-apiserver 120 curl_api /readyz
 
-  start kube-controller-manager "$CM_PORT" "$KUBE_BIN/kube-controller-manager" \
-    --kubeconfig "$ST/controller-manager.kubeconfig" \
-    --authentication-kubeconfig "$ST/controller-manager.kubeconfig" \
-    --authorization-kubeconfig "$ST/controller-manager.kubeconfig" \
-    --bind-address 127.0.0.1 --secure-port "$CM_PORT" --leader-elect=false \
-    --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
-    --use-service-account-credentials=true \
-    --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
-    --service-cluster-ip-range "$SERVICE_CIDR" --cert-dir "$ST/cm-certs"
+  start_controller_manager
   start kube-scheduler "$SCHED_PORT" "$KUBE_BIN/kube-scheduler" \
     --kubeconfig "$ST/scheduler.kubeconfig" \
     --authentication-kubeconfig "$ST/scheduler.kubeconfig" --authorization-kubeconfig "$ST/scheduler.kubeconfig" \
@@ -396,13 +404,22 @@ stop() {
 # restart kube-apiserver: stop it and start it again on the same port, state and certificates
 # (a fault drill: clients see connection refused, then the same apiserver, watches must re-list)
 cmd_restart() {
-  [[ "${1:-}" == kube-apiserver ]] || die "usage: $0 restart kube-apiserver"
-  alive kube-apiserver || die "kube-apiserver is not running (scripts/cluster.sh up)"
-  bindirs
-  stop kube-apiserver
-  start_apiserver
-  wait_for kube-apiserver 120 curl_api /readyz
-  log "kube-apiserver restarted"
+  case "${1:-}" in
+    kube-apiserver)
+      alive kube-apiserver || die "kube-apiserver is not running (scripts/cluster.sh up)"
+      bindirs
+      stop kube-apiserver
+      start_apiserver
+      wait_for kube-apiserver 120 curl_api /readyz ;;
+    kube-controller-manager)  # e.g. with other COPD_CM_API_QPS/COPD_CM_API_BURST
+      alive kube-controller-manager || die "kube-controller-manager is not running (scripts/cluster.sh up)"
+      bindirs
+      stop kube-controller-manager
+      start_controller_manager
+      wait_for kube-controller-manager 90 healthz "$CM_PORT" ;;
+    *) die "usage: $0 restart kube-apiserver|kube-controller-manager" ;;
+  esac
+  log "$1 restarted"
 }
 
 cmd_status() {
