@@ -108,6 +108,16 @@ class DiagnosticStatus(_Status):
     symmetric_kl: float
 
 
+class QueueStatus(_Status):
+    """Where a run labelled kueue.x-k8s.io/queue-name stands with Kueue (the operator writes it)."""
+
+    name: str = Field(description="The LocalQueue (the run's kueue.x-k8s.io/queue-name label).")
+    state: str = Field(description="Queued (waiting for quota), Admitted, QueueNotFound or Idle (no work "
+                                   "that needs quota right now).")
+    workload: str | None = Field(None, description="The Kueue Workload of the current stage.")
+    message: str = ""
+
+
 class RunStatus(_Status):
     phase: Phase = Phase.PENDING
     cycle: int = 0
@@ -127,6 +137,7 @@ class RunStatus(_Status):
     merge_attempt: int | None = Field(None, description="Replacement attempts of the merge Job.")
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int = 0
+    queue: QueueStatus | None = Field(None, description="Kueue admission of the current stage (queued runs only).")
 
     def to_k8s(self) -> dict:
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")

@@ -271,6 +271,31 @@ class Toleration(_Model):
     toleration_seconds: int | None = None
 
 
+# Label/annotation keys (Kubernetes qualified names): an optional DNS-subdomain prefix and "/", then a name.
+QUALIFIED_NAME = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                  r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# Keys of the run's pods that the operator, the Job controller or Kueue own: spec.trainer.podLabels and
+# podAnnotations cannot set them (a prefix ends in "/"; other entries are whole keys).
+RESERVED_POD_KEYS = ("copd.io/", "batch.kubernetes.io/", "kueue.x-k8s.io/", "app.kubernetes.io/managed-by",
+                     "job-name", "controller-uid")
+
+
+def reserved_pod_key(key: str) -> bool:
+    return any(key.startswith(r) if r.endswith("/") else key == r for r in RESERVED_POD_KEYS)
+
+
+def _check_pod_keys(what: str, keys) -> None:
+    for k in keys:
+        prefix, _, name = k.rpartition("/")
+        if len(k) > 316 or len(name) > 63 or len(prefix) > 253 or not re.match(QUALIFIED_NAME, k):
+            raise ValueError(f"{what}: {k!r} is not a valid key (an optional DNS prefix and '/', then at most "
+                             "63 characters: letters, digits, '-', '_', '.')")
+        if reserved_pod_key(k):
+            raise ValueError(f"{what}: {k!r} is reserved (keys of the operator, the Job controller or Kueue: "
+                             f"{', '.join(RESERVED_POD_KEYS)})")
+
+
 class TrainerSpec(_Model):
     image: str = Field("copd-trainer:0.1.0", description="Trainer/hub/merge image.")
     image_pull_secrets: list[str] = Field(default_factory=list, description="Names of pull Secrets.")
@@ -296,6 +321,34 @@ class TrainerSpec(_Model):
         2, description="DeepSpeed ZeRO stage of a trainer that runs more than one process (gpu > 1 or "
         "nodes > 1): 2 shards optimizer state and gradients, 3 also the weights.",
     )
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict, max_length=64,
+        description="Labels added to every pod of the run (cost centres, policy selectors). Keys under "
+                    "copd.io/, batch.kubernetes.io/ and kueue.x-k8s.io/, app.kubernetes.io/managed-by, "
+                    "job-name and controller-uid are reserved. To queue a run with Kueue, label the "
+                    "CoPDRun itself (kueue.x-k8s.io/queue-name), not its pods.")
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, max_length=64,
+        description="Annotations added to every pod of the run (e.g. sidecar opt-outs); same reserved keys "
+                    "as podLabels.")
+
+    @field_validator("pod_labels")
+    @classmethod
+    def _pod_labels(cls, v: dict[str, str]) -> dict[str, str]:
+        _check_pod_keys("trainer.podLabels", v)
+        for k, val in v.items():
+            if len(val) > 63 or not re.match(LABEL_VALUE, val):
+                raise ValueError(f"trainer.podLabels: value of {k!r} is not a valid label value (at most 63 "
+                                 "characters: letters, digits, '-', '_', '.', starting and ending alphanumeric)")
+        return v
+
+    @field_validator("pod_annotations")
+    @classmethod
+    def _pod_annotations(cls, v: dict[str, str]) -> dict[str, str]:
+        _check_pod_keys("trainer.podAnnotations", v)
+        if sum(len(k) + len(x) for k, x in v.items()) > 65536:
+            raise ValueError("trainer.podAnnotations: more than 64 KiB in all")
+        return v
 
 
 class StageDeadlinesSpec(_Model):

@@ -19,6 +19,9 @@
 # endpoints registered with `target add`, evaluates the alert rules rendered
 # from helm/copd-operator with hack/cluster/prometheus/values.yaml) and
 # alertmanager (receives them; GET /api/v2/alerts). Both on 127.0.0.1 only.
+# Queueing: the Kueue manager (kueue-system; CRDs and webhook configurations rendered from its
+# module's config/components by hack/cluster/kueue/render.py; its webhooks serve on 127.0.0.1
+# with a certificate of the local CA; batch/job integration, manageJobsWithoutQueueName false).
 #
 # Outputs: .cluster/kubeconfig (admin, group system:masters), .cluster/env (source
 # it: PATH with kubectl/helm/promtool, KUBECONFIG, COPD_PROMETHEUS_URL,
@@ -29,6 +32,7 @@
 #   COPD_ETCD_PORT [23790] (peer: +10)   COPD_APISERVER_PORT [26443]
 #   COPD_CM_PORT [20257]  COPD_SCHED_PORT [20259]  COPD_KWOK_PORT [20247]
 #   COPD_PROMETHEUS_PORT [29090]   COPD_ALERTMANAGER_PORT [29093]
+#   COPD_KUEUE_PORT [apiserver port + 1] (Kueue's webhooks; its health probe: +1)
 #   COPD_KWOK_NODES [4]   COPD_PROCNODE_NAME [proc-node-0]
 #   COPD_CM_API_QPS [20]  COPD_CM_API_BURST [30]  (kube-controller-manager's client: its Job, TTL and
 #                         GC controllers; bench/operator_scale.py needs more, README "Running many runs")
@@ -46,6 +50,8 @@ SCHED_PORT="${COPD_SCHED_PORT:-20259}"
 KWOK_PORT="${COPD_KWOK_PORT:-20247}"
 PROM_PORT="${COPD_PROMETHEUS_PORT:-29090}"
 AM_PORT="${COPD_ALERTMANAGER_PORT:-29093}"
+KUEUE_PORT="${COPD_KUEUE_PORT:-$((API_PORT + 1))}"
+KUEUE_HEALTH_PORT=$((KUEUE_PORT + 1))
 KWOK_NODES="${COPD_KWOK_NODES:-4}"
 CM_API_QPS="${COPD_CM_API_QPS:-20}" CM_API_BURST="${COPD_CM_API_BURST:-30}"
 PROCNODE="${COPD_PROCNODE_NAME:-proc-node-0}"
@@ -53,7 +59,8 @@ SERVICE_CIDR=10.96.0.0/16
 API="https://127.0.0.1:$API_PORT"
 PROM="$ST/prometheus" AM="$ST/alertmanager"
 MON_SRC="$ROOT/hack/cluster/prometheus"
-COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok procnode alertmanager prometheus)
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok procnode alertmanager prometheus kueue)
+KUEUE="$ST/kueue"
 
 log() { echo "[cluster $(date +%H:%M:%S)] $*" >&2; }
 die() { echo "[cluster] ERROR: $*" >&2; exit 1; }
@@ -62,6 +69,7 @@ bindirs() {
   KUBE_BIN="$("$BUILD" --dir kube)" ETCD_BIN="$("$BUILD" --dir etcd)" KWOK_BIN="$("$BUILD" --dir kwok)"
   HELM_BIN="$("$BUILD" --dir helm)" PROMTOOL_BIN="$("$BUILD" --dir promtool)"
   PROMETHEUS_BIN="$("$BUILD" --dir prometheus)" ALERTMANAGER_BIN="$("$BUILD" --dir alertmanager)"
+  KUEUE_BIN="$("$BUILD" --dir kueue)"
 }
 
 pid_of() { cat "$PIDS/$1.pid" 2>/dev/null || true; }
@@ -125,6 +133,8 @@ make_pki() {
   sign admin admin system:masters "$client"
   sign controller-manager system:kube-controller-manager "" "$client"
   sign scheduler system:kube-scheduler "" "$client"
+  sign kueue-webhook kueue-webhook "" \
+    'keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n'
   if [[ ! -f "$PKI/sa.key" ]]; then
     openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
     openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
@@ -235,6 +245,34 @@ monitoring_config() {
 }
 
 # reload NAME PORT: make a running Prometheus/Alertmanager re-read its files
+# ---- Kueue ------------------------------------------------------------------------
+# kueue_config: the manager's serving certificate, configuration, CRDs and webhook configurations
+kueue_config() {
+  mkdir -p "$KUEUE/certs"
+  cp "$PKI/kueue-webhook.crt" "$KUEUE/certs/tls.crt"
+  cp "$PKI/kueue-webhook.key" "$KUEUE/certs/tls.key"
+  "$(python_bin)" "$ROOT/hack/cluster/kueue/render.py" "$KUEUE_BIN/config/components" "$PKI/ca.crt" \
+    "$KUEUE_PORT" "$KUEUE_HEALTH_PORT" "$KUEUE/certs" "$KUEUE" || die "rendering Kueue's manifests failed"
+}
+
+# the webhooks answer: a server-side dry run of a ResourceFlavor passes Kueue's mutating and validating webhooks
+kueue_webhooks_ready() {
+  kctl apply --server-side --dry-run=server -f - <<EOF
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: ResourceFlavor
+metadata: {name: copd-webhook-probe}
+EOF
+}
+
+start_kueue() {
+  kctl apply --server-side --force-conflicts -f "$KUEUE/crds.yaml" >/dev/null
+  wait_for "Kueue CRDs established" 60 kctl wait --for condition=Established --timeout 5s \
+    crd/workloads.kueue.x-k8s.io crd/clusterqueues.kueue.x-k8s.io crd/localqueues.kueue.x-k8s.io
+  kctl apply --server-side --force-conflicts -f "$KUEUE/webhooks.yaml" >/dev/null
+  KUBECONFIG="$ST/kubeconfig" KUEUE_METRICS_CERT_DIR="$KUEUE/certs" start kueue "$KUEUE_PORT" "$KUEUE_BIN/kueue" --config "$KUEUE/config.yaml" \
+    --feature-gates VisibilityOnDemand=false --zap-log-level info
+}
+
 reload() { curl -fsS -X POST "http://127.0.0.1:$2/-/reload" >/dev/null || die "$1 refused to reload (see $LOGS/$1.log)"; }
 
 start_monitoring() {
@@ -310,6 +348,7 @@ cmd_up() {
   kubeconfig "$ST/scheduler.kubeconfig" scheduler system:kube-scheduler
   write_env
   monitoring_config
+  kueue_config
 
   start etcd "$ETCD_PORT" "$ETCD_BIN/etcd" --name copd --data-dir "$ST/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
@@ -349,6 +388,8 @@ EOF
     --manage-all-nodes=false --manage-nodes-with-label-selector type=kwok \
     --enable-crds Stage --server-address "127.0.0.1:$KWOK_PORT" --node-lease-duration-seconds 40
 
+  start_kueue
+
   start procnode - "$(python_bin)" "$ROOT/hack/cluster/procnode/procnode.py" \
     --kubeconfig "$ST/kubeconfig" --name "$PROCNODE" --workdir "$ST/procnode" \
     --api-host 127.0.0.1 --api-port "$API_PORT"
@@ -361,6 +402,8 @@ EOF
   wait_for "kwok nodes Ready" 90 kctl wait --for condition=Ready --timeout 5s node -l type=kwok
   wait_for "node $PROCNODE Ready" 90 kctl wait --for condition=Ready --timeout 5s "node/$PROCNODE"
   wait_for "default service account" 60 kctl get serviceaccount default -n default
+  wait_for kueue 120 curl -fsS "http://127.0.0.1:$KUEUE_HEALTH_PORT/readyz"
+  wait_for "Kueue webhooks" 120 kueue_webhooks_ready
   local c
   for c in "${COMPONENTS[@]}"; do alive "$c" || die "$c exited (see $LOGS/$c.log)"; done
   log "up in $((SECONDS - t0))s: source $ST/env  (KUBECONFIG=$ST/kubeconfig)"
@@ -439,6 +482,11 @@ cmd_status() {
     echo "prometheus               http://127.0.0.1:$PROM_PORT ready"
   else
     echo "prometheus               not ready"; rc=1
+  fi
+  if curl -fsS "http://127.0.0.1:$KUEUE_HEALTH_PORT/readyz" >/dev/null 2>&1; then
+    echo "kueue                    webhooks https://127.0.0.1:$KUEUE_PORT ready"
+  else
+    echo "kueue                    not ready"; rc=1
   fi
   if curl -fsS "http://127.0.0.1:$AM_PORT/-/ready" >/dev/null 2>&1; then
     echo "alertmanager             http://127.0.0.1:$AM_PORT ready"

@@ -6,7 +6,8 @@
 #
 # Components: kube (kube-apiserver, kube-controller-manager, kube-scheduler,
 # kubectl), etcd, kwok (kwok + its CRDs), helm, promtool, prometheus (the
-# server, without its web UI assets), alertmanager (a placeholder web UI).
+# server, without its web UI assets), alertmanager (a placeholder web UI),
+# kueue (the manager, plus its config/components manifests).
 #
 # Versions come from hack/cluster/versions.env only. Each component is built
 # once into $COPD_CLUSTER_CACHE/bin/<component>-<version>/ (default
@@ -23,7 +24,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$HERE/versions.env"
 
 CACHE="${COPD_CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/copd-operator}"
-ALL=(etcd kube kwok helm promtool prometheus alertmanager)
+ALL=(etcd kube kwok helm promtool prometheus alertmanager kueue)
 
 version_of() {
   case "$1" in
@@ -33,6 +34,7 @@ version_of() {
     helm) echo "$HELM_VERSION" ;;
     promtool|prometheus) echo "$PROMETHEUS_VERSION" ;;
     alertmanager) echo "$ALERTMANAGER_VERSION" ;;
+    kueue) echo "$KUEUE_VERSION" ;;
     *) echo "unknown component: $1" >&2; return 1 ;;
   esac
 }
@@ -162,6 +164,32 @@ build_alertmanager() {
     > "$src/ui/app/dist/index.html"
   (cd "$src" && GOWORK=off go build -ldflags "$(prom_ldflags "${v#v}" "module-$v")" \
      -o "$out/alertmanager" ./cmd/alertmanager)
+}
+
+# Kueue's module has no local replaces, so a wrapper module builds it. With internal
+# certificate management off, the manager reads its metrics server certificate from the fixed
+# path /etc/kueue/metrics/certs, even with metrics off; the wrapper's main package is a copy of
+# cmd/kueue/main.go (its only file; it imports no internal package) with that one line changed
+# so that KUEUE_METRICS_CERT_DIR may name another directory (scripts/cluster.sh points it into
+# the cluster's state). Everything else comes from the module as published. Its CRDs and webhook
+# configurations (config/components, kustomize sources) are copied next to the binary;
+# hack/cluster/kueue/render.py renders them for the local control plane.
+build_kueue() {
+  local v="$KUEUE_VERSION" src="$1" out="$2" mod
+  new_module "$src" copd.local/cluster/kueue
+  gomod_get "$src" "sigs.k8s.io/kueue@$v"
+  mod="$(moddir "$src" sigs.k8s.io/kueue)"
+  local fixed='metricsCertPath := "/etc/kueue/metrics/certs"'
+  grep -qF "$fixed" "$mod/cmd/kueue/main.go" \
+    || { echo "kueue $v: the metrics certificate path line moved; update build_kueue" >&2; return 1; }
+  sed "s|$fixed|$fixed; if d := os.Getenv(\"KUEUE_METRICS_CERT_DIR\"); d != \"\" { metricsCertPath = d }|" \
+    "$mod/cmd/kueue/main.go" > "$src/main.go"
+  (cd "$src" && go mod tidy >>"$src/get.log" 2>&1) || { cat "$src/get.log" >&2; return 1; }
+  (cd "$src" && go build -ldflags "$LDBASE -X sigs.k8s.io/kueue/pkg/version.GitVersion=$v \
+     -X sigs.k8s.io/kueue/pkg/version.GitCommit=module-$v" -o "$out/kueue" .)
+  mkdir -p "$out/config"
+  cp -r "$mod/config/components" "$out/config/"
+  chmod -R u+w "$out/config"
 }
 
 comps=("$@"); [[ ${#comps[@]} -gt 0 ]] || comps=("${ALL[@]}")

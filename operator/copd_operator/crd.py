@@ -29,9 +29,15 @@ import yaml
 from pydantic import BaseModel
 
 from copd_core.cycle import RunStatus
-from copd_core.spec import CoPDRunSpec
+from copd_core.spec import LABEL_VALUE, QUALIFIED_NAME, RESERVED_POD_KEYS, CoPDRunSpec
 from copd_operator.api import BranchCRSpec, BranchCRStatus
 from copd_operator.logic.naming import BRANCH_KIND, BRANCH_PLURAL, GROUP, RUN_KIND, RUN_PLURAL, VERSION
+
+# A qualified key (spec.QUALIFIED_NAME; the name part at most 63, the prefix at most 253) not reserved.
+_KEY_OK = (f"k.matches('{QUALIFIED_NAME}') && size(k) <= 317 "
+           "&& (k.contains('/') ? size(k.split('/')[1]) <= 63 && size(k.split('/')[0]) <= 253 : size(k) <= 63)")
+_NOT_RESERVED = " && ".join(f"!k.startsWith('{r}')" if r.endswith("/") else f"k != '{r}'"
+                            for r in RESERVED_POD_KEYS)
 
 # CEL rules keyed by the path (camelCase property names from spec) of the object they sit on.
 RUN_SPEC_RULES: dict[tuple[str, ...], list[dict]] = {
@@ -104,6 +110,29 @@ RUN_SPEC_RULES: dict[tuple[str, ...], list[dict]] = {
     ("seed",): [
         {"rule": "self == oldSelf", "message": "seed: immutable once the run exists"},
     ],
+    ("trainer", "podLabels"): [
+        {   # TrainerSpec._pod_labels
+            "rule": f"self.all(k, {_KEY_OK})",
+            "message": "trainer.podLabels: every key must be a valid label key (an optional DNS prefix and '/', "
+                       "then at most 63 characters: letters, digits, '-', '_', '.')",
+        },
+        {"rule": f"self.all(k, {_NOT_RESERVED})",
+         "message": "trainer.podLabels: keys under copd.io/, batch.kubernetes.io/, kueue.x-k8s.io/, "
+                    "app.kubernetes.io/managed-by, job-name and controller-uid are reserved"},
+        {"rule": f"self.all(k, self[k].matches('{LABEL_VALUE}'))",
+         "message": "trainer.podLabels: every value must be a valid label value (at most 63 characters: "
+                    "letters, digits, '-', '_', '.', starting and ending alphanumeric)"},
+    ],
+    ("trainer", "podAnnotations"): [
+        {   # TrainerSpec._pod_annotations
+            "rule": f"self.all(k, {_KEY_OK})",
+            "message": "trainer.podAnnotations: every key must be a valid annotation key (an optional DNS prefix "
+                       "and '/', then at most 63 characters: letters, digits, '-', '_', '.')",
+        },
+        {"rule": f"self.all(k, {_NOT_RESERVED})",
+         "message": "trainer.podAnnotations: keys under copd.io/, batch.kubernetes.io/, kueue.x-k8s.io/, "
+                    "app.kubernetes.io/managed-by, job-name and controller-uid are reserved"},
+    ],
 }
 
 # Bounds pydantic cannot express but the apiserver needs for CEL cost estimation.
@@ -113,6 +142,8 @@ RUN_SPEC_EXTRA: dict[tuple[str, ...], dict] = {
     ("trainer", "nodeSelector"): {"maxProperties": 64},
     ("trainer", "imagePullSecrets"): {"maxItems": 32},
     ("trainer", "tolerations"): {"maxItems": 64},
+    ("trainer", "podLabels", "*"): {"maxLength": 63},
+    ("trainer", "podAnnotations", "*"): {"maxLength": 65536},
     ("merge", "weights", "*"): {"minimum": 0},
 }
 
@@ -278,6 +309,10 @@ def copdrun_crd() -> dict:
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Cycle", "type": "integer", "jsonPath": ".status.cycle"},
         {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
+        {"name": "Queue", "type": "string", "jsonPath": ".status.queue.name",
+         "description": "The Kueue LocalQueue of a queued run"},
+        {"name": "Admission", "type": "string", "jsonPath": ".status.queue.state",
+         "description": "Queued: waiting for quota; Admitted; QueueNotFound"},
         {"name": "Overlap", "type": "number", "jsonPath": ".status.minTopkOverlap",
          "description": "Lowest top-k overlap of any direction in the latest cycle"},
         {"name": "SymKL", "type": "number", "jsonPath": ".status.maxSymmetricKl",

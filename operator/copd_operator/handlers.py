@@ -17,7 +17,15 @@ from __future__ import annotations
 
 import kopf
 
-from copd_operator.logic.naming import GROUP, RUN_PLURAL, VERSION
+from copd_operator.logic.naming import (
+    GROUP,
+    KUEUE_GROUP,
+    KUEUE_VERSION,
+    LABEL_RUN,
+    RUN_PLURAL,
+    VERSION,
+    WORKLOAD_PLURAL,
+)
 from copd_operator.runtime import OperatorRuntime
 
 
@@ -53,3 +61,12 @@ def run_event(type: str | None, name: str, namespace: str, body: kopf.Body, memo
     if rt.reconciler.wrote(namespace, name, body.get("metadata", {}).get("resourceVersion")):
         return  # the echo of our own status write: that reconcile has seen everything it holds
     rt.queue.add(key)
+
+
+@kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, WORKLOAD_PLURAL, labels={LABEL_RUN: kopf.PRESENT})
+def workload_event(labels: dict, namespace: str, memo: kopf.Memo, **_) -> None:
+    """Kueue admitted or evicted a queued run's stage (its Workload, logic/queueing.py). Not in the informers'
+    index: only queued runs have Workloads, and kopf skips this watch where Kueue is not installed."""
+    run = (labels or {}).get(LABEL_RUN)
+    if run:
+        runtime_of(memo).queue.add((namespace, run))

@@ -52,6 +52,7 @@ from copd_operator.logic.cleanup import finished_job_cleanup
 from copd_operator.logic.lenient import parse_lenient
 from copd_operator.logic.observe import observe
 from copd_operator.logic.plan import Create, Op, branch_statuses, plan
+from copd_operator.logic.queueing import queue_status
 
 log = logging.getLogger("copd_operator.reconcile")
 
@@ -129,6 +130,9 @@ class Reconciler:
         try:
             observed = replace(observe(run.spec, status, snap), unknown_fields=unknown)
             new, actions = decide(run.spec, status, observed, now, gen)
+            if snap.kueue is not None:  # a queued run: where its current stage stands with Kueue
+                new, queue_events = queue_status(snap.kueue, run, new, now, gen)
+                actions = [*actions, *queue_events]
             self._write(obj, old, new)
             # right after the status write: a failing op below cannot lose them (with a pool, posted while
             # the ops go out, and waited for before anything is raised)

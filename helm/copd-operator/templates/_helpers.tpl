@@ -52,6 +52,10 @@ RBAC rules, split by scope. Together they are exactly operator/deploy/rbac.yaml'
 - apiGroups: [scheduling.k8s.io]
   resources: [priorityclasses]
   verbs: [get]
+# queued runs (label kueue.x-k8s.io/queue-name): the priority of their Kueue Workloads
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloadpriorityclasses]
+  verbs: [get]
 {{- end -}}
 
 {{- define "copd-operator.namespaceRules" -}}
@@ -100,6 +104,17 @@ RBAC rules, split by scope. Together they are exactly operator/deploy/rbac.yaml'
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# queued runs: one Kueue Workload per stage (owned by the run); the operator is its job integration:
+# it releases an evicted Workload's quota once the stage's pods are gone and marks finished stages
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads/status]
+  verbs: [get, patch]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [localqueues]
+  verbs: [get]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create]

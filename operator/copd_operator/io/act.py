@@ -16,7 +16,15 @@ from kubernetes.client.rest import ApiException
 
 from copd_operator.io.gather import Apis
 from copd_operator.logic.builders import made_for
-from copd_operator.logic.naming import BRANCH_PLURAL, GROUP, RUN_PLURAL, VERSION
+from copd_operator.logic.naming import (
+    BRANCH_PLURAL,
+    GROUP,
+    KUEUE_GROUP,
+    KUEUE_VERSION,
+    RUN_PLURAL,
+    VERSION,
+    WORKLOAD_PLURAL,
+)
 from copd_operator.logic.plan import Create, Delete, Op, Patch
 
 log = logging.getLogger("copd_operator.io.act")
@@ -36,6 +44,9 @@ def _read(apis: Apis, namespace: str, kind: str, name: str) -> dict | None:
     try:
         if kind == "Branch":
             return apis.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, BRANCH_PLURAL, name)
+        if kind == "Workload":
+            return apis.custom.get_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, namespace,
+                                                            WORKLOAD_PLURAL, name)
         read = {
             "Job": apis.batch.read_namespaced_job,
             "Pod": apis.core.read_namespaced_pod,
@@ -71,6 +82,11 @@ def create(apis: Apis, namespace: str, obj: dict) -> dict | None:
             res = apis.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, BRANCH_PLURAL, obj)
             _remember(apis, kind, res)
             return res
+        if kind == "Workload":  # not in the informers' index (gather lists a queued run's Workloads)
+            res = apis.custom.create_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, namespace,
+                                                              WORKLOAD_PLURAL, obj)
+            log.info("created Workload %s/%s", namespace, obj["metadata"]["name"])
+            return res
         call = {
             "Job": apis.batch.create_namespaced_job,
             "Pod": apis.core.create_namespaced_pod,
@@ -101,6 +117,11 @@ def patch(apis: Apis, namespace: str, op: Patch) -> None:
             fn = (apis.custom.patch_namespaced_custom_object_status if op.status
                   else apis.custom.patch_namespaced_custom_object)
             _remember(apis, op.kind, fn(GROUP, VERSION, namespace, BRANCH_PLURAL, op.name, op.body))
+        elif op.kind == "Workload":
+            fn = (apis.custom.patch_namespaced_custom_object_status if op.status
+                  else apis.custom.patch_namespaced_custom_object)
+            fn(KUEUE_GROUP, KUEUE_VERSION, namespace, WORKLOAD_PLURAL, op.name, op.body)
+            log.info("patched Workload %s/%s%s", namespace, op.name, " status" if op.status else "")
         elif op.kind == "Job":
             _remember(apis, op.kind, apis.batch.patch_namespaced_job(op.name, namespace, op.body,
                                                                      _preload_content=False))
@@ -110,6 +131,10 @@ def patch(apis: Apis, namespace: str, op: Patch) -> None:
         else:
             raise ValueError(f"cannot patch {op.kind}")
     except ApiException as e:
+        if e.status == 409 and op.conflict_ok:
+            log.info("%s %s/%s changed since it was read: the next reconcile looks again", op.kind, namespace,
+                     op.name)
+            return
         if e.status != 404:
             raise
 

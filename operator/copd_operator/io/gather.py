@@ -25,13 +25,20 @@ from copd_operator.logic.naming import (
     ANNOTATION_RUN_UID,
     BRANCH_PLURAL,
     GROUP,
+    KUEUE_GROUP,
+    KUEUE_VERSION,
     LABEL_RUN,
+    LOCAL_QUEUE_PLURAL,
+    PRIORITY_LABEL,
     RUN_PLURAL,
     VERSION,
+    WORKLOAD_PLURAL,
+    WORKLOAD_PRIORITY_CLASS_PLURAL,
     RunKey,
     pvc_name,
 )
 from copd_operator.logic.observe import Snapshot
+from copd_operator.logic.queueing import KueueView, queue_of
 
 EXISTS_TTL_S = 60.0  # how long a seen PriorityClass / ServiceAccount / named claim is taken to still exist
 
@@ -177,9 +184,41 @@ def gather(apis: Apis, namespace: str, name: str, trainer_service_account: str,
     snap.trainer_sa_exists = _exists_cached(apis, ("serviceaccount", namespace, trainer_service_account),
                                             apis.core.read_namespaced_service_account, trainer_service_account,
                                             namespace)
+    queue = queue_of(run)
+    if queue:  # a queued run: its Workloads (listed: not in the informers' index), LocalQueue, priority
+        snap.kueue = gather_kueue(apis, namespace, run, queue, f"{LABEL_RUN}={name}", pc)
     return snap
 
 
 def read_run(apis: Apis, namespace: str, name: str) -> dict | None:
     """The CoPDRun alone (no children): what a status write that met a 409 compares against."""
     return _read(apis.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, RUN_PLURAL, name)
+
+
+def gather_kueue(apis: Apis, namespace: str, run: dict, queue: str, sel: str, pc: str | None) -> KueueView:
+    """A queued run's Workloads (owned by it), whether its LocalQueue exists, and its priority: the
+    WorkloadPriorityClass its label kueue.x-k8s.io/priority-class names, else spec.trainer.priorityClassName."""
+    uid = run["metadata"]["uid"]
+    try:
+        items = _raw(apis.custom.list_namespaced_custom_object, KUEUE_GROUP, KUEUE_VERSION, namespace,
+                     WORKLOAD_PLURAL, label_selector=sel)["items"]
+    except ApiException as e:
+        if e.status == 404:  # Kueue's CRDs are not installed
+            return KueueView(queue, {}, local_queue_exists=False, kueue_installed=False)
+        raise
+    workloads = {w["metadata"]["name"]: w for w in items if _owned_by(w, {uid})}
+    lq = _read(apis.custom.get_namespaced_custom_object, KUEUE_GROUP, KUEUE_VERSION, namespace,
+               LOCAL_QUEUE_PLURAL, queue)
+    priority, ref = None, None
+    wpc = ((run["metadata"].get("labels") or {}).get(PRIORITY_LABEL))
+    if wpc:
+        obj = _read(apis.custom.get_cluster_custom_object, KUEUE_GROUP, KUEUE_VERSION,
+                    WORKLOAD_PRIORITY_CLASS_PLURAL, wpc)
+        if obj is not None:
+            priority = int(obj.get("value", 0))
+            ref = {"group": KUEUE_GROUP, "kind": "WorkloadPriorityClass", "name": wpc}
+    elif pc and (pc_obj := _read(apis.scheduling.read_priority_class, pc)) is not None:
+        priority = int(pc_obj.get("value", 0))
+        ref = {"group": "scheduling.k8s.io", "kind": "PriorityClass", "name": pc_obj["metadata"]["name"]}
+    return KueueView(queue, workloads, local_queue_exists=lq is not None, priority=priority,
+                     priority_class_ref=ref)

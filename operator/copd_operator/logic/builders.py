@@ -110,6 +110,16 @@ def labels(run: str, component: str, **extra: object) -> dict[str, str]:
     return out
 
 
+def pod_metadata(run: RunRef, lab: dict[str, str]) -> dict:
+    """A pod's labels and annotations: spec.trainer.podLabels/podAnnotations, then the operator's own labels
+    (the spec's validation refuses operator-owned keys; the operator's win here anyway)."""
+    t = run.spec.trainer
+    md: dict = {"labels": {**t.pod_labels, **lab}}
+    if t.pod_annotations:
+        md["annotations"] = dict(t.pod_annotations)
+    return md
+
+
 def manifest_json(run: RunRef) -> str:
     return json.dumps({
         "apiVersion": f"{GROUP}/{VERSION}", "kind": RUN_KIND,
@@ -268,7 +278,7 @@ def _job(run: RunRef, cfg: OperatorConfig, name: str, lab: dict, owner: dict, co
             "suspend": suspend,
             "podFailurePolicy": pod_failure_policy(),
             "template": {
-                "metadata": {"labels": lab},
+                "metadata": pod_metadata(run, lab),
                 "spec": _pod_spec(run, cfg, container, "Never"),
             },
         },
@@ -331,7 +341,7 @@ def build_rendezvous_service(run: RunRef, branch: str, branch_uid: str) -> dict:
 
 
 def build_stage_job(run: RunRef, cfg: OperatorConfig, branch: str, branch_uid: str, cycle: int, stage: str,
-                    hub_url: str | None = None, attempt: int = 0) -> dict:
+                    hub_url: str | None = None, attempt: int = 0, suspend: bool | None = None) -> dict:
     """The trainer of one (branch, cycle, stage): `copd stage`, resuming from the newest checkpoint,
     reporting its progress live into its Branch's status (`--branch-object`, `--api-credentials`).
 
@@ -358,7 +368,8 @@ def build_stage_job(run: RunRef, cfg: OperatorConfig, branch: str, branch_uid: s
         container["command"] = torchrun_command(run, cfg, name, branch)
         container["env"].append({"name": "COPD_ZERO_STAGE", "value": str(run.spec.trainer.zero_stage)})
     job = _job(run, cfg, name, lab, owner_ref(BRANCH_KIND, branch_cr_name(run, branch), branch_uid), container,
-               suspend=run.spec.suspend, deadline_s=stage_deadline_s(run.spec, stage))
+               suspend=run.spec.suspend if suspend is None else suspend,
+               deadline_s=stage_deadline_s(run.spec, stage))
     job["spec"]["template"]["spec"]["volumes"].extend(pod_volumes)
     nodes = run.spec.trainer.nodes
     if nodes > 1:
@@ -370,24 +381,25 @@ def build_stage_job(run: RunRef, cfg: OperatorConfig, branch: str, branch_uid: s
     return job
 
 
-def build_diagnose_job(run: RunRef, cfg: OperatorConfig, cycle: int, attempt: int = 0) -> dict:
+def build_diagnose_job(run: RunRef, cfg: OperatorConfig, cycle: int, attempt: int = 0,
+                       suspend: bool = False) -> dict:
     args = ["diagnose", "--manifest", f"env:{MANIFEST_ENV}", "--storage", run.spec.storage.path,
             "--cycle", str(cycle), "--report-file", TERMINATION_LOG]
     container = _container(run, cfg, args, _resources(run.spec.trainer.hub_resources))
     return _job(run, cfg, diagnose_job_name(run, cycle, attempt), labels(run.name, "diagnose", cycle=cycle),
-                run.owner, container, deadline_s=stage_deadline_s(run.spec, "Diagnose"))
+                run.owner, container, suspend=suspend, deadline_s=stage_deadline_s(run.spec, "Diagnose"))
 
 
 def merged_path(spec: CoPDRunSpec) -> str:
     return spec.storage.path.rstrip("/") + "/merged"
 
 
-def build_merge_job(run: RunRef, cfg: OperatorConfig, attempt: int = 0) -> dict:
+def build_merge_job(run: RunRef, cfg: OperatorConfig, attempt: int = 0, suspend: bool = False) -> dict:
     args = ["merge", "--manifest", f"env:{MANIFEST_ENV}", "--storage", run.spec.storage.path,
             "--output", merged_path(run.spec), "--report-file", TERMINATION_LOG]
     container = _container(run, cfg, args, _resources(run.spec.trainer.hub_resources, gpu=False))
     return _job(run, cfg, merge_job_name(run, attempt), labels(run.name, "merge"), run.owner, container,
-                deadline_s=stage_deadline_s(run.spec, "Merge"))
+                suspend=suspend, deadline_s=stage_deadline_s(run.spec, "Merge"))
 
 
 def hub_port(run: RunRef, cfg: OperatorConfig, cycle: int) -> int:
@@ -412,7 +424,7 @@ def build_hub_pod(run: RunRef, cfg: OperatorConfig, cycle: int) -> dict:
         spec["volumes"].append(shm_volume())
     return {
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": hub_name(run, cycle), "namespace": run.namespace, "labels": lab,
+        "metadata": {"name": hub_name(run, cycle), "namespace": run.namespace, **pod_metadata(run, lab),
                      "ownerReferences": [run.owner]},
         "spec": spec,
     }

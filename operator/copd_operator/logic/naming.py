@@ -136,3 +136,18 @@ def hub_port_for(namespace: str, run: str, cycle: int) -> int:
     operator computes the same one."""
     h = hashlib.sha256(f"{namespace}/{run}/{cycle}".encode()).digest()
     return 10000 + int.from_bytes(h[:4], "big") % 10000
+
+
+# Kueue (queued runs: the CoPDRun carries QUEUE_LABEL)
+KUEUE_GROUP = "kueue.x-k8s.io"
+KUEUE_VERSION = "v1beta2"
+WORKLOAD_PLURAL = "workloads"
+LOCAL_QUEUE_PLURAL = "localqueues"
+WORKLOAD_PRIORITY_CLASS_PLURAL = "workloadpriorityclasses"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+
+
+def workload_name(run: RunIdentity, cycle: int, stage: str) -> str:
+    """The Kueue Workload of one stage: `<run>-c<cycle>-<stage>-<h>` (stage RL, OPD, Diagnose or Merge)."""
+    return child_name(run, f"c{cycle}", stage.lower())

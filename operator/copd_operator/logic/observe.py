@@ -70,6 +70,7 @@ class Snapshot:
     claim_missing: str | None = None  # a spec.storage.claimName that does not exist
     priority_class_missing: str | None = None
     trainer_sa_exists: bool = True
+    kueue: Any = None  # queueing.KueueView of a queued run (label kueue.x-k8s.io/queue-name), else None
 
     def pods_of_job(self, job: str) -> list[dict]:
         return [p for p in self.pods if (p["metadata"].get("labels") or {}).get("job-name") == job

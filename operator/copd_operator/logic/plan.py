@@ -17,6 +17,9 @@ operations. Creates of existing names are skipped here and tolerated (409) by ac
     Job <run>-diagnose-c<c>            RunDiagnose
     Job <run>-merge                    RunMerge
     unfinished Jobs                    suspended while Suspended, deleted once Succeeded/Failed
+    Workload <run>-c<c>-<stage>        queued runs only (label kueue.x-k8s.io/queue-name): one per stage,
+                                       logic/queueing.py; the stage's Jobs run and its hub pod exists only
+                                       while Kueue admits it (the gate), never otherwise
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from copd_operator.logic.naming import (
     stage_job_name,
 )
 from copd_operator.logic.observe import FAILED, SUCCEEDED, Snapshot, attempt_of, branch_cr_status, job_outcome
+from copd_operator.logic.queueing import gate, job_in_step, workload_ops
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class Patch:
     name: str
     body: dict
     status: bool = False  # the status subresource
+    conflict_ok: bool = False  # a 409 (the object changed since it was read) is left to the next reconcile
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,8 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
          now: datetime, generation: int) -> list[Op]:
     spec = run.spec
     ops: list[Op] = []
+    # queued runs: the current stage's pods may run only while Kueue admits its Workload
+    g = gate(snap.kueue, status, spec.suspend, run)
 
     # -- storage and the trainer identity -------------------------------------------
     if spec.storage.claim_name is None and not snap.pvc_exists and status.phase not in TERMINAL:
@@ -176,6 +183,8 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
     # -- the hub of the current OPD stage --------------------------------------------
     hub_cycle = current_hub(status)
     url = None
+    if hub_cycle is not None and not g.open:
+        hub_cycle = None  # not admitted (yet, or any more): no hub pod; one that exists is deleted below
     if hub_cycle is not None:
         hub = hub_name(run, hub_cycle)
         pod = snap.pod(hub)
@@ -194,8 +203,14 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
         if labels_.get(LABEL_COMPONENT) == "hub" and p["metadata"]["name"] != wanted_hub \
                 and not p["metadata"].get("deletionTimestamp"):
             ops.append(Delete("Pod", p["metadata"]["name"]))
+    wanted_svc = hub_name(run, current_hub(status)) if current_hub(status) is not None else None
+    if wanted_svc is not None and wanted_svc != wanted_hub and cfg.hub_address == "service" \
+            and wanted_svc not in snap.services:
+        ops.append(Create(build_hub_service(run, cfg, current_hub(status))))  # the address trainers will use
+    if url is None and wanted_svc is not None and cfg.hub_address == "service":
+        url = hub_url(run, cfg, current_hub(status), None)  # known before the hub exists (queued, not admitted)
     for svc in snap.services:
-        if svc != wanted_hub:
+        if svc != wanted_svc:
             ops.append(Delete("Service", svc))
 
     # -- Branch objects --------------------------------------------------------------
@@ -222,7 +237,7 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
             job = stage_job_name(run, a.branch, a.cycle, a.stage.value, a.attempt)
             existing = snap.jobs.get(job)
             if existing is not None:
-                if (existing.get("spec") or {}).get("suspend") and not spec.suspend:
+                if (existing.get("spec") or {}).get("suspend") and not spec.suspend and g.open:
                     ops.append(Patch("Job", job, {"spec": {"suspend": False}}))
                 continue
             cr = snap.branches.get(a.branch)
@@ -231,18 +246,19 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
             if spec.trainer.nodes > 1:  # pods of a multi-pod stage meet through it (kept for the branch's life)
                 ops.append(Create(build_rendezvous_service(run, a.branch, cr["metadata"]["uid"])))
             ops.append(Create(build_stage_job(run, cfg, a.branch, cr["metadata"]["uid"], a.cycle, a.stage.value,
-                                              hub_url=url if a.stage == Stage.OPD else None, attempt=a.attempt)))
+                                              hub_url=url if a.stage == Stage.OPD else None, attempt=a.attempt,
+                                              suspend=spec.suspend or not g.open)))
         elif isinstance(a, RunDiagnose):
             job = diagnose_job_name(run, a.cycle, a.attempt)
             if job not in snap.jobs:
-                ops.append(Create(build_diagnose_job(run, cfg, a.cycle, a.attempt)))
-            elif (snap.jobs[job].get("spec") or {}).get("suspend"):
+                ops.append(Create(build_diagnose_job(run, cfg, a.cycle, a.attempt, suspend=not g.open)))
+            elif (snap.jobs[job].get("spec") or {}).get("suspend") and g.open:
                 ops.append(Patch("Job", job, {"spec": {"suspend": False}}))
         elif isinstance(a, RunMerge):
             job = merge_job_name(run, a.attempt)
             if job not in snap.jobs:
-                ops.append(Create(build_merge_job(run, cfg, a.attempt)))
-            elif (snap.jobs[job].get("spec") or {}).get("suspend"):
+                ops.append(Create(build_merge_job(run, cfg, a.attempt, suspend=not g.open)))
+            elif (snap.jobs[job].get("spec") or {}).get("suspend") and g.open:
                 ops.append(Patch("Job", job, {"spec": {"suspend": False}}))
         elif isinstance(a, Event):
             suffix = f"{int(now.timestamp() * 1000):x}{len(events)}"
@@ -258,6 +274,17 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
             ops.append(Patch("Job", job_name, {"spec": {"suspend": True}}))
         elif status.phase in TERMINAL:
             ops.append(Delete("Job", job_name))
+        elif g.queued and not g.open and not (job.get("spec") or {}).get("suspend") \
+                and (g.step is None or job_in_step(job, g.step)):
+            ops.append(Patch("Job", job_name, {"spec": {"suspend": True}}))  # Kueue took the admission back
+
+    # -- queued runs: the Workloads (after the Jobs: an evicted stage's quota goes back once its pods are gone) --
+    if snap.kueue is not None:
+        for w in workload_ops(run, cfg, snap.kueue, status, snap.pods, now):
+            if w.kind == "create":
+                ops.insert(0, Create(w.body))  # before the stage's (suspended) Jobs
+            else:
+                ops.append(Patch("Workload", w.name, w.body, status=w.kind == "status", conflict_ok=True))
     return ops + events
 
 

@@ -49,7 +49,7 @@ def test_defaults_enums_ranges_and_printer_columns():
     assert spec["branches"]["minItems"] == 2
     assert spec["trainer"]["default"]["resources"] == {"gpu": 0, "cpu": "1", "memory": "4Gi"}
     cols = [c["name"] for c in v["additionalPrinterColumns"]]
-    assert cols == ["Phase", "Cycle", "Stage", "Overlap", "SymKL", "Age"]
+    assert cols == ["Phase", "Cycle", "Stage", "Queue", "Admission", "Overlap", "SymKL", "Age"]
     assert doc["spec"]["names"]["shortNames"] == ["copd"]
     assert v["subresources"] == {"status": {}}
     bcols = [c["name"] for c in crd.branch_crd()["spec"]["versions"][0]["additionalPrinterColumns"]]
