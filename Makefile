@@ -1,5 +1,5 @@
 # The few commands a person needs. See README.md.
-.PHONY: setup demo test test-fast chaos cluster-up cluster-down crds lint compare scale builtin-models
+.PHONY: setup demo test test-fast chaos test-kueue cluster-up cluster-down crds lint compare scale builtin-models
 
 UV := $(or $(wildcard $(HOME)/.cache/copd-operator/tools/uv-*/bin/uv),uv)
 
@@ -18,6 +18,9 @@ test-fast:        ## unit and tiny-model tests only, no cluster
 chaos:            ## every fault scenario, the long ones included (~20-40 min on 2 cores): one `FAULT <name>: ...` line each
 	scripts/run-tests.sh -s -m "chaos or not chaos" tests/cluster/test_chaos.py tests/cluster/test_faults.py \
 	  tests/model/test_checkpoint_faults.py
+
+test-kueue:       ## the long Kueue scenarios (4 runs on 8 GPUs, preemption, Kueue restart; ~10 min) on the local control plane
+	COPD_KUEUE_FULL=1 .venv/bin/python -m pytest -q tests/cluster/test_kueue.py
 
 cluster-up:
 	scripts/cluster.sh up

@@ -59,7 +59,8 @@ def test_namespaced_rbac_is_a_role_per_namespace_plus_cluster_scoped_reads(helm_
     full = _rules(find(_deploy_docs("rbac.yaml"), "ClusterRole")[0]["rules"])
     (cr,) = find(docs, "ClusterRole")
     cluster = _rules(cr["rules"])
-    assert cluster == {t for t in full if t[1] in ("customresourcedefinitions", "priorityclasses")}
+    assert cluster == {t for t in full if t[1] in ("customresourcedefinitions", "priorityclasses",
+                                                   "workloadpriorityclasses")}
     for ns in ("team-a", "team-b"):
         (role,) = find(docs, "Role", "copd-copd-operator", ns)
         (rb,) = find(docs, "RoleBinding", "copd-copd-operator", ns)
