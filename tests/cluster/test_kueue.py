@@ -396,3 +396,35 @@ def test_kueue_restarted_mid_run(cluster, namespace, tmp_path, kueue_queue):
     finally:
         op.stop()
 
+
+
+@pytest.mark.cluster
+def test_pod_labels_and_annotations_are_checked_at_admission(cluster, namespace):
+    """The CRD's CEL rules refuse operator-owned or malformed pod label/annotation keys, as pydantic does."""
+    import yaml
+
+    apply_crds(cluster)
+    cases = [
+        ("podLabels", {"copd.io/run": "x"}, "reserved"),
+        ("podLabels", {"kueue.x-k8s.io/queue-name": "q"}, "reserved"),
+        ("podAnnotations", {"batch.kubernetes.io/job-name": "x"}, "reserved"),
+        ("podLabels", {"job-name": "x"}, "reserved"),
+        ("podLabels", {"bad key!": "x"}, "valid label key"),
+        ("podLabels", {"team": "not valid!"}, "valid label value"),
+        ("podAnnotations", {"a" * 64: "x"}, "valid annotation key"),
+    ]
+    failures = []
+    for field, value, needle in cases:
+        doc = queued_run("bad", "gpus")
+        doc["spec"]["trainer"][field] = value
+        p = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc),
+                            check=False)
+        if p.returncode == 0 or needle not in p.stderr:
+            failures.append(f"{field}={value}: rc={p.returncode} {p.stderr.strip()[:300]}")
+    ok = queued_run("good", "gpus")
+    ok["spec"]["trainer"]["podLabels"] = {"example.com/team": "ml", "cost-centre": "42"}
+    ok["spec"]["trainer"]["podAnnotations"] = {"sidecar.istio.io/inject": "false", "kwok.copd.io/duration": "1s"}
+    p = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=yaml.safe_dump(ok),
+                        check=False)
+    assert p.returncode == 0, p.stderr
+    assert not failures, "\n".join(failures)
