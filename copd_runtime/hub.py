@@ -7,6 +7,12 @@ log-prob of the sampled token and its top-k ids and log-probs, in batches
 few positions at a time; zeros elsewhere in the [N, L, ...] tensors it returns).
 
 - `InProcessHub`: used by `copd run` on one machine.
+- `BatchingScorer`: what the HTTP hub scores through. Concurrent requests (trainers of
+  several students) wait in one queue; a single worker takes every waiting request for
+  the same teacher (and k, query width) up to `max_batch_tokens` padded tokens, pads
+  them to one length on the right (earlier positions are unchanged: causal attention,
+  positions from the attention mask), runs ONE forward, and hands each request its rows.
+  One forward at a time: peak memory is one batch, not one forward per client thread.
 - `serve(...)` / `HttpHub`: the same hub as an HTTP service (`copd hub serve`),
   which the operator runs as a pod behind a Service during OPD phases. Tensors
   travel as safetensors bytes; the JSON header carries the metadata.
@@ -74,6 +80,145 @@ class InProcessHub:
 
 
 # ---------------------------------------------------------------------------
+# Coalescing concurrent requests
+
+DEFAULT_BATCH_TOKENS = 65_536  # padded tokens (rows × length) in one hub forward
+
+
+class _Request:
+    def __init__(self, teacher: str, rollout: Rollout, k: int, query_ids: torch.Tensor | None):
+        self.teacher, self.rollout, self.k, self.query_ids = teacher, rollout, k, query_ids
+        self.done = threading.Event()
+        self.result: dict | None = None
+        self.error: BaseException | None = None
+
+    def key(self) -> tuple:
+        q = None if self.query_ids is None else self.query_ids.shape[-1]
+        return (self.teacher, self.k, q)
+
+
+def _pad_right(t: torch.Tensor, length: int, value) -> torch.Tensor:
+    pad = length - t.shape[1]
+    if pad == 0:
+        return t
+    filler = torch.full((t.shape[0], pad, *t.shape[2:]), value, dtype=t.dtype, device=t.device)
+    return torch.cat([t, filler], 1)
+
+
+def coalesce(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """Rows of several rollouts as one, right-padded to the longest (vision tensors packed in order)."""
+    L = max(r.input_ids.shape[1] for r in rollouts)
+    vision: dict[str, torch.Tensor] = {}
+    for name in {n for r in rollouts for n in r.vision}:
+        vision[name] = torch.cat([r.vision[name] for r in rollouts if name in r.vision])
+    return Rollout(
+        examples=[e for r in rollouts for e in r.examples],
+        input_ids=torch.cat([_pad_right(r.input_ids, L, pad_id) for r in rollouts]),
+        attention_mask=torch.cat([_pad_right(r.attention_mask, L, 0) for r in rollouts]),
+        response_mask=torch.cat([_pad_right(r.response_mask, L, 0) for r in rollouts]),
+        old_logprobs=torch.cat([_pad_right(r.old_logprobs, L, 0) for r in rollouts]),
+        truncated=torch.cat([r.truncated for r in rollouts]),
+        responses=[t for r in rollouts for t in r.responses],
+        vision=vision,
+    )
+
+
+class BatchingScorer:
+    """`score` like InProcessHub's, safe to call from many threads; see the module docstring."""
+
+    def __init__(self, hub: InProcessHub, max_batch_tokens: int = DEFAULT_BATCH_TOKENS, start: bool = True):
+        self.hub, self.max_batch_tokens = hub, max_batch_tokens
+        self._queue: list[_Request] = []
+        self._cv = threading.Condition()
+        self.forwards = 0  # batched forwards run
+        self._stop = False
+        self._worker = threading.Thread(target=self._run, name="hub-batcher", daemon=True)
+        if start:
+            self.start()
+
+    @property
+    def teacher_dirs(self):
+        return self.hub.teacher_dirs
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._queue)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+
+    def score(self, teacher: str, rollout: Rollout, k: int, query_ids: torch.Tensor | None = None):
+        if teacher not in self.hub.teacher_dirs:
+            raise KeyError(f"hub has no teacher {teacher!r} (has {sorted(self.hub.teacher_dirs)})")
+        req = _Request(teacher, rollout, k, query_ids)
+        with self._cv:
+            self._queue.append(req)
+            self._cv.notify_all()
+        req.done.wait()
+        if req.error is not None:
+            raise req.error
+        return req.result
+
+    def _take(self) -> list[_Request]:
+        """The oldest request and every waiting one like it, within the token budget."""
+        first = self._queue.pop(0)
+        batch = [first]
+        L = first.rollout.input_ids.shape[1]
+        for req in list(self._queue):
+            if req.key() != first.key():
+                continue
+            L2 = max(L, req.rollout.input_ids.shape[1])
+            rows = sum(len(r.rollout) for r in batch) + len(req.rollout)
+            if rows * L2 > self.max_batch_tokens:
+                continue
+            batch.append(req)
+            self._queue.remove(req)
+            L = L2
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                batch = self._take()
+            try:
+                self._score(batch)
+            except BaseException as e:  # each waiting client gets the error, the worker lives on
+                for req in batch:
+                    req.error = e
+            finally:
+                for req in batch:
+                    req.done.set()
+
+    def _score(self, batch: list[_Request]) -> None:
+        self.forwards += 1
+        first = batch[0]
+        if len(batch) == 1:
+            first.result = self.hub.score(first.teacher, first.rollout, first.k, first.query_ids)
+            return
+        policy = self.hub.teacher(first.teacher)
+        merged = coalesce([r.rollout.to("cpu") for r in batch], policy.pad_id)
+        query = None
+        if first.query_ids is not None:
+            L = merged.input_ids.shape[1]
+            query = torch.cat([_pad_right(r.query_ids.to("cpu"), L, 0) for r in batch])
+        out = self.hub.score(first.teacher, merged, first.k, query)
+        start = 0
+        for req in batch:
+            n, L = len(req.rollout), req.rollout.input_ids.shape[1]
+            req.result = {name: v[start : start + n, :L].to(req.rollout.device) for name, v in out.items()}
+            start += n
+
+
+# ---------------------------------------------------------------------------
 # Wire format
 
 
@@ -122,7 +267,11 @@ def _metadata(blob: bytes) -> dict[str, str]:
 # HTTP service
 
 
-def make_server(hub: InProcessHub, host: str, port: int) -> ThreadingHTTPServer:
+def make_server(hub: InProcessHub, host: str, port: int, max_batch_tokens: int = DEFAULT_BATCH_TOKENS
+                ) -> ThreadingHTTPServer:
+    """The hub over HTTP: each connection on its own thread, all scoring through one `BatchingScorer`."""
+    scorer = BatchingScorer(hub, max_batch_tokens)
+
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # quiet
             pass
@@ -149,14 +298,17 @@ def make_server(hub: InProcessHub, host: str, port: int) -> ThreadingHTTPServer:
             try:
                 blob = self.rfile.read(int(self.headers["Content-Length"]))
                 teacher, rollout, k, query_ids = decode_request(blob)
-                out = hub.score(teacher, rollout, k, query_ids)
-                self._send(200, st_save({n: t.contiguous() for n, t in out.items()}), "application/octet-stream")
+                out = scorer.score(teacher, rollout, k, query_ids)
+                self._send(200, st_save({n: t.cpu().contiguous() for n, t in out.items()}),
+                           "application/octet-stream")
             except KeyError as e:
                 self._send(404, str(e).encode(), "text/plain")
             except Exception as e:  # a bad request must not kill the hub
                 self._send(400, f"{type(e).__name__}: {e}".encode(), "text/plain")
 
-    return ThreadingHTTPServer((host, port), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.scorer = scorer
+    return server
 
 
 def hub_address_file(storage: Path, cycle: int) -> Path:

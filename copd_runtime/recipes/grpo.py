@@ -35,6 +35,7 @@ from copd_core.spec import RLSpec, TruncationRule
 from copd_runtime.data.examples import Dataset, Example
 from copd_runtime.data.rewards import score
 from copd_runtime.maths.losses import clipped_pg_loss, group_advantages_P_G, reference_kl_B_T
+from copd_runtime.models import distributed
 from copd_runtime.models.optim import clip_grad_norm
 from copd_runtime.models.policy import Policy
 from copd_runtime.rollout import Rollout, response_logprobs, sample
@@ -73,7 +74,11 @@ def policy_update(
     use_kl = ref_logprobs_N_T is not None and kl_coef > 0
     if use_kl:
         stats["ref_kl"] = 0.0
-    if not use_kl and not bool((advantages_N_T * loss_mask_N_T).abs().gt(0).any()):
+    world = distributed.world_size()  # > 1: this rank's rows only; every rank runs the same passes
+    signal = use_kl or bool((advantages_N_T * loss_mask_N_T).abs().gt(0).any())
+    if world > 1:
+        signal = bool(distributed.all_sum(float(signal)) > 0)
+    if not signal:
         # No signal (uniform groups, or a teacher identical to the student): an optimizer
         # step on a zero gradient would still move the weights through Adam's momentum.
         stats["skipped"] = 1.0
@@ -87,28 +92,44 @@ def policy_update(
     order = list(range(n))
     chunks = [order[i :: rl.mini_batches] for i in range(rl.mini_batches) if order[i :: rl.mini_batches]]
     stats["ratio_mean"] = 0.0
+    if world > 1:
+        chunks += [[]] * (rl.mini_batches - len(chunks))  # every rank steps as often
+    backward = getattr(optimizer, "backward", None)  # DeepSpeed's engine (models.distributed)
     try:
         for rows in chunks:
-            n_tokens = loss_mask_N_T[torch.tensor(rows, device=loss_mask_N_T.device)].sum().clamp(min=1.0)
+            n_tokens = loss_mask_N_T[torch.tensor(rows, dtype=torch.long, device=loss_mask_N_T.device)].sum()
+            if world > 1:  # the whole mini-batch's count; DeepSpeed averages the ranks' gradients
+                n_tokens = distributed.all_sum(n_tokens).to(n_tokens) / world
+            n_tokens = n_tokens.clamp(min=1.0 / world)
             optimizer.zero_grad(set_to_none=True)
-            for micro in micro_batches(rows, rollout.input_ids.shape[1], rl.micro_batch_tokens):
+            micros = [(m, 1.0) for m in micro_batches(rows, rollout.input_ids.shape[1], rl.micro_batch_tokens)]
+            if world > 1:  # a rank short of rows runs zero-weight passes (each backward reduces across ranks)
+                micros += [([0], 0.0)] * (distributed.all_max(len(micros)) - len(micros))
+            for i, (micro, weight) in enumerate(micros):
                 sub = rollout.select(micro)
                 idx = torch.tensor(micro, device=loss_mask_N_T.device)
                 logprobs = response_logprobs(policy, sub, rl.temperature)
                 loss, s = clipped_pg_loss(
-                    logprobs, sub.old_logprobs, advantages_N_T[idx], loss_mask_N_T[idx], rl.clip_eps_low,
+                    logprobs, sub.old_logprobs, advantages_N_T[idx], loss_mask_N_T[idx] * weight, rl.clip_eps_low,
                     rl.clip_eps_high, token_count=n_tokens,
                 )
                 if use_kl:
-                    kl = (reference_kl_B_T(logprobs, ref_logprobs_N_T[idx]) * loss_mask_N_T[idx]).sum() / n_tokens
+                    kl = (reference_kl_B_T(logprobs, ref_logprobs_N_T[idx]) * loss_mask_N_T[idx] * weight
+                          ).sum() / n_tokens
                     loss = loss + kl_coef * kl
-                    stats["ref_kl"] += kl.item() / len(chunks)
-                loss.backward()
-                stats["loss"] += loss.item() / len(chunks)
-                stats["clip_frac"] += s["clip_frac"] / len(chunks)
-                stats["ratio_mean"] += s["ratio_mean"] / len(chunks)
+                    stats["ref_kl"] += kl.item() / len(chunks) / world
+                if backward is not None:
+                    backward(loss, boundary=i == len(micros) - 1)
+                else:
+                    loss.backward()
+                stats["loss"] += loss.item() / len(chunks) / world
+                stats["clip_frac"] += s["clip_frac"] / len(chunks) / world
+                stats["ratio_mean"] += s["ratio_mean"] / len(chunks) / world
             clip_grad_norm(optimizer, model, 1.0)
             optimizer.step()
+        if world > 1:
+            for k in ("loss", "clip_frac", "ratio_mean", *(("ref_kl",) if use_kl else ())):
+                stats[k] = float(distributed.all_sum(stats[k]))
     finally:
         if checkpointing:
             model.activation_checkpointing_disable()

@@ -366,7 +366,6 @@ def build_stage_job(run: RunRef, cfg: OperatorConfig, branch: str, branch_uid: s
         pod_volumes.append(shm_volume())
     if distributed(run.spec):
         container["command"] = torchrun_command(run, cfg, name, branch)
-        container["env"].append({"name": "COPD_ZERO_STAGE", "value": str(run.spec.trainer.zero_stage)})
     job = _job(run, cfg, name, lab, owner_ref(BRANCH_KIND, branch_cr_name(run, branch), branch_uid), container,
                suspend=run.spec.suspend if suspend is None else suspend,
                deadline_s=stage_deadline_s(run.spec, stage))

@@ -46,7 +46,7 @@ def test_four_gpus_get_torchrun_with_four_processes_and_the_zero_stage():
     assert c["args"][0] == "stage" and "--hub-url" in c["args"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
     env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["COPD_ZERO_STAGE"] == "3"
+    assert '"zeroStage":3' in env["COPD_MANIFEST"]  # the trainers read the stage from the spec
     assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
     assert "completionMode" not in job["spec"]
     assert not violations(job["spec"]["template"]["spec"])
