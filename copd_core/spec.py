@@ -143,7 +143,11 @@ class RLSpec(_Model):
     batch_size: int = Field(8, ge=1, le=65_536, description="Prompts per step (each sampled G times).")
     clip_eps_low: float = Field(0.2, gt=0.0, lt=1.0, description="ε_low: ratio clipped below at 1-ε_low.")
     clip_eps_high: float = Field(0.28, gt=0.0, le=10.0, description="ε_high: ratio clipped above at 1+ε_high.")
-    learning_rate: float = Field(1e-4, gt=0.0, le=1.0, description="AdamW learning rate (RL and OPD).")
+    learning_rate: float = Field(
+        1e-6, gt=0.0, le=1.0,
+        description="AdamW learning rate (RL and OPD). The default, 1e-6, is what published GRPO runs use "
+        "on 1.5B–7B models; the tiny builtin demo models need about 5e-4 (set in examples/).",
+    )
     max_new_tokens: int = Field(16, ge=1, le=65_536, description="Response length limit.")
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature (also applied to log-probs).")
     mini_batches: int = Field(1, ge=1, le=1024, description="Optimizer updates per rollout batch.")

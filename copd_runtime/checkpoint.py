@@ -29,10 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from copd_runtime.models import distributed
 from copd_runtime.models.policy import Policy, atomic_dir, save_policy
 
 STAGE_ORDER = {"RL": 0, "OPD": 1}
 MANIFEST = "manifest.json"
+ZERO_DIR = "zero"  # DeepSpeed's sharded optimizer state inside a checkpoint of a multi-process trainer
 CORRUPT_PREFIX = ".corrupt-"
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -153,14 +155,16 @@ def save_checkpoint(storage: Path, branch: str, policy: Policy, optimizer, count
     """Write a checkpoint atomically. Out of space: raises StorageFull (the partial temp dir is gone, the
     previous checkpoint untouched and still the newest)."""
     final = branch_dir(storage, branch) / "checkpoints" / counters.dirname()
+    if hasattr(optimizer, "save"):  # DeepSpeed across processes: every rank writes its shard
+        _save_sharded(final, policy, optimizer, counters)
+        if distributed.rank() == 0:
+            _gc(storage, branch, keep)
+        return final
     try:
         with atomic_dir(final) as tmp:
             save_policy(policy, tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                rng["cuda"] = torch.cuda.get_rng_state()  # this rank's device
-            torch.save(rng, tmp / "rng.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
             (tmp / "state.json").write_text(json.dumps(asdict(counters)))
             write_manifest(tmp)
     except Exception as e:
@@ -175,6 +179,37 @@ def save_checkpoint(storage: Path, branch: str, policy: Policy, optimizer, count
         raise
     _gc(storage, branch, keep)
     return final
+
+
+def _rng_state() -> dict:
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()  # this rank's device
+    return rng
+
+
+def _save_sharded(final: Path, policy: Policy, optimizer, counters: Counters) -> None:
+    """A checkpoint written by every rank: DeepSpeed's sharded optimizer state (and master weights) in
+    `zero/`, the bf16/fp32 Hugging Face model and the counters from rank 0 (ZeRO-2: every rank holds the
+    whole model). One shared temp directory, renamed into place by rank 0 once every rank is done."""
+    import torch.distributed as dist
+
+    tmp = final.parent / f".tmp-{final.name}-sharded"
+    if distributed.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    optimizer.save(tmp / ZERO_DIR)
+    dist.barrier()
+    if distributed.rank() == 0:
+        save_policy(policy, tmp)
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(asdict(counters)))
+        write_manifest(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    dist.barrier()
 
 
 def no_space(e: BaseException) -> bool:
@@ -219,8 +254,13 @@ def _gc(storage: Path, branch: str, keep: int) -> None:
 
 
 def load_optimizer_and_rng(ckpt: Path, optimizer) -> None:
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False, map_location=_device_of(optimizer)))
-    rng = torch.load(ckpt / "rng.pt", weights_only=False, map_location="cpu")
+    if hasattr(optimizer, "load"):  # DeepSpeed: its own sharded state (a single-process checkpoint has none)
+        if (ckpt / ZERO_DIR).exists():
+            optimizer.load(ckpt / ZERO_DIR)
+    elif (ckpt / "optimizer.pt").exists():  # (a checkpoint of a multi-process trainer has none)
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False, map_location=_device_of(optimizer)))
+    rng = torch.load(ckpt / "rng.pt", weights_only=False, map_location="cpu")  # rank 0's; each rank's own draws
+    # differ by their prompts, not their seeds
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

@@ -195,10 +195,15 @@ def stage(
         help="At most one live progress patch per this many seconds (plus the last step).")] = 5.0,
 ) -> None:
     """Run one RL or OPD stage of one branch (resuming from its newest checkpoint)."""
+    import os
+
     from copd_core.cycle import Stage
     from copd_runtime.progress_report import ProgressReporter
     from copd_runtime.recipes.stage import run_branch_stage
 
+    rank0 = os.environ.get("RANK", "0") in ("", "0")  # under torchrun only global rank 0 reports
+    if not rank0:
+        report_file, branch_object = None, None
     m = _manifest(manifest)
     _torch_threads()
     if branch not in [b.name for b in m.spec.branches]:
@@ -218,6 +223,8 @@ def stage(
     live = ProgressReporter.from_pod(branch_object, api_credentials, interval_s=progress_interval)
 
     def sink(rec: dict) -> None:
+        if not rank0:
+            return
         with open(metrics_file, "a") as f:
             f.write(json.dumps(rec) + "\n")
         print(json.dumps({k: v for k, v in rec.items() if not isinstance(v, list)}), file=sys.stderr, flush=True)
@@ -243,7 +250,7 @@ def stage(
             live.close()
             print(json.dumps({"progress_reports": {"sent": live.sent, "failed": live.failed}}), file=sys.stderr,
                   flush=True)
-    _report({"branch": branch, **rep}, report_file)
+    _report({"branch": branch, **rep}, report_file, quiet=not rank0)
 
 
 @app.command()

@@ -102,6 +102,11 @@ class ZeroOptimizer:
     def __init__(self, model: torch.nn.Module, lr: float, zero_stage: int, bf16: bool):
         import deepspeed
 
+        if zero_stage == 3:
+            raise ValueError(
+                "trainer.zeroStage 3 is not supported by the trainer yet: its chunked LM head reads the output "
+                "weight outside the head module's forward, which ZeRO-3 has partitioned; use zeroStage 2")
+
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=0.0),

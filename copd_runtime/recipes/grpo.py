@@ -143,6 +143,7 @@ def grpo_step(policy: Policy, optimizer, dataset: Dataset, rl: RLSpec, rng: rand
     if rl.kl_coef > 0 and reference is None:
         raise ValueError("rl.klCoef > 0 needs the reference policy (the run's base model)")
     prompts: list[Example] = rng.sample(dataset.train, min(rl.batch_size, len(dataset.train)))
+    prompts = rank_share(prompts)  # every rank drew the same prompts; it samples and trains its share
     group = [ex for ex in prompts for _ in range(rl.group_size)]  # P*G rows, group-major
 
     rollout = sample(policy, group, rl.max_new_tokens, rl.temperature)
@@ -160,9 +161,22 @@ def grpo_step(policy: Policy, optimizer, dataset: Dataset, rl: RLSpec, rng: rand
             reference.model.eval()
             ref_lp = response_logprobs(reference, rollout, rl.temperature)
     stats = policy_update(policy, optimizer, rollout, advantages, loss_mask, rl, ref_lp, rl.kl_coef)
+    rows = distributed.all_sum(float(len(rollout)))
     return {
-        "reward_mean": rewards_P_G.mean().item(),
-        "tokens": int(rollout.response_mask.sum().item()),
-        "truncated_frac": rollout.truncated.float().mean().item(),
+        "reward_mean": float(distributed.all_sum(rewards_P_G.sum().item()) / rows),
+        "tokens": int(distributed.all_sum(rollout.response_mask.sum().item())),
+        "truncated_frac": float(distributed.all_sum(rollout.truncated.float().sum().item()) / rows),
         **stats,
     }
+
+
+def rank_share(prompts: list) -> list:
+    """This rank's prompts (all of them in one process): whole groups, so advantages stay per rank."""
+    if distributed.world_size() == 1:
+        return prompts
+    mine = distributed.share(prompts)
+    if not mine:
+        raise ValueError(f"{len(prompts)} prompts per step for {distributed.world_size()} trainer processes: "
+                         "rl.batchSize (opd.batchSize) must be at least the number of processes "
+                         "(resources.gpu × trainer.nodes)")
+    return mine

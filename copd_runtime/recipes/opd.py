@@ -42,7 +42,7 @@ from copd_runtime.maths.diagnostics import (
 from copd_runtime.maths.logprobs import token_logprobs_M, topk_logprobs_M_K
 from copd_runtime.maths.losses import opd_advantages_B_T
 from copd_runtime.models.policy import Policy
-from copd_runtime.recipes.grpo import policy_update
+from copd_runtime.recipes.grpo import policy_update, rank_share
 from copd_runtime.rollout import lm_head_of, predicts_response_N_L, response_hidden_M_H, sample, spread_N_L
 
 
@@ -67,6 +67,7 @@ def opd_step(
     for i in range(n_prompts):
         t = teachers[i % len(teachers)]
         prompts.append((t, rng.choice(peer_data[t].train)))
+    prompts = rank_share(prompts)
     rows = [(t, ex) for t, ex in prompts for _ in range(opd.samples_per_prompt)]
 
     rollout = sample(policy, [ex for _, ex in rows], rl.max_new_tokens, rl.temperature, logprobs=False)

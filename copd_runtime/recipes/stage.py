@@ -23,7 +23,9 @@ from copd_runtime.checkpoint import Counters, latest_checkpoint, load_optimizer_
 from copd_runtime.data.datasets import load_dataset
 from copd_runtime.data.examples import Dataset
 from copd_runtime.model_uri import resolve_model_dir
+from copd_runtime.models import distributed
 from copd_runtime.models.device import Placement, placement
+from copd_runtime.models.distributed import ZeroOptimizer
 from copd_runtime.models.optim import make_optimizer
 from copd_runtime.models.policy import load_policy
 from copd_runtime.recipes.grpo import grpo_step
@@ -94,9 +96,14 @@ def run_branch_stage(
                 "message": note or "already complete", **resumed}
 
     place = place or placement(spec.trainer.precision)
+    distributed.init(place)  # under torchrun: join the other ranks (a no-op in one process)
     policy = load_policy(start_dir, spec.base_model.kind, place)
-    optimizer = make_optimizer(policy.model, spec.rl.learning_rate)
-    if start_dir != base and (start_dir / "optimizer.pt").exists():
+    if distributed.world_size() > 1:
+        optimizer = ZeroOptimizer(policy.model, spec.rl.learning_rate, spec.trainer.zero_stage,
+                                  bf16=place.dtype == torch.bfloat16)
+    else:
+        optimizer = make_optimizer(policy.model, spec.rl.learning_rate)
+    if start_dir != base and (start_dir / "state.json").exists():
         load_optimizer_and_rng(start_dir, optimizer)
         for g in optimizer.param_groups:
             g["lr"] = spec.rl.learning_rate
