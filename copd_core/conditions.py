@@ -18,6 +18,7 @@ COND_SUCCEEDED = "Succeeded"
 COND_FAILED = "Failed"
 COND_BLOCKED = "Blocked"  # the run waits on something outside it (a claim, a PriorityClass); continues once there
 COND_SPEC_WARNING = "SpecWarning"  # the spec has fields this operator does not know (a newer CRD): ignored
+COND_STORAGE_WARNING = "StorageWarning"  # a trainer found the planned checkpoints larger than the run's volume
 COND_RECONCILE_ERROR = "ReconcileError"  # the last reconcile raised (quota, a rejected create, ...): retried
 
 # Reasons
@@ -42,6 +43,7 @@ R_MERGE_RESTARTED = "MergeRestarted"  # a failed merge Job replaced by a new one
 R_CLAIM_NOT_FOUND = "ClaimNotFound"
 R_PRIORITY_CLASS_NOT_FOUND = "PriorityClassNotFound"
 R_UNBLOCKED = "Unblocked"
+R_CHECKPOINTS_MAY_NOT_FIT = "CheckpointsMayNotFit"
 R_UNKNOWN_FIELDS = "UnknownFields"
 R_NO_UNKNOWN_FIELDS = "NoUnknownFields"
 R_QUOTA_EXCEEDED = "QuotaExceeded"  # a create refused with 403 by a ResourceQuota

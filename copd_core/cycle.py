@@ -38,9 +38,11 @@ from copd_core.conditions import (
     COND_PROGRESSING,
     COND_READY,
     COND_SPEC_WARNING,
+    COND_STORAGE_WARNING,
     COND_SUCCEEDED,
     R_BRANCH_FAILED,
     R_BRANCH_RESTARTED,
+    R_CHECKPOINTS_MAY_NOT_FIT,
     R_DIAGNOSE_FAILED,
     R_DIAGNOSE_RESTARTED,
     R_INVALID_INPUT,
@@ -159,6 +161,7 @@ class BranchReport:
     failed: bool = False
     message: str = ""
     reason: str | None = None  # why it failed, when the trainer knows (e.g. InvalidInput): retrying cannot help
+    storage_warning: str | None = None  # the planned checkpoints will not fit the run's volume (a trainer's estimate)
 
 
 @dataclass(frozen=True)
@@ -481,6 +484,10 @@ def _decide_branch_stage(d: _Decision, observed: Observed) -> None:
     for name, report in observed.branches.items():
         if name not in s.branches or report.cycle != s.cycle or report.stage != s.stage:
             continue  # a report about another stage: stale, ignore
+        if report.storage_warning:
+            msg = f"branch {name}: {report.storage_warning}"
+            if d.cond_changed(COND_STORAGE_WARNING, True, R_CHECKPOINTS_MAY_NOT_FIT, msg):
+                d.actions.append(Event("Warning", R_CHECKPOINTS_MAY_NOT_FIT, msg))
         if report.failed:
             if s.branches[name].done or d.restart_branch(name, report):
                 continue

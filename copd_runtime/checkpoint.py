@@ -151,7 +151,35 @@ def latest_checkpoint(storage: Path, branch: str, before: tuple[int, str] | None
     return None
 
 
-def save_checkpoint(storage: Path, branch: str, policy: Policy, optimizer, counters: Counters, keep: int = 3):
+KEEP = 3  # newest checkpoints kept per branch (plus the two newest stage-final ones: `_gc`)
+
+
+def checkpoint_fit_warning(checkpoint_bytes: int, weights_bytes: int, keep: int, branches: int,
+                           capacity_bytes: int) -> str | None:
+    """What the run's checkpoints need at most — every branch keeping `keep` + 2 checkpoints of this
+    size, plus a merged model of `weights_bytes` — when that exceeds the volume's capacity; else None
+    (also when the capacity is unknown, 0)."""
+    need = branches * (keep + 2) * checkpoint_bytes + weights_bytes
+    if capacity_bytes <= 0 or need <= capacity_bytes:
+        return None
+    gb = 1e9
+    return (f"checkpoints need up to {need / gb:.1f} GB ({branches} branches × {keep + 2} checkpoints × "
+            f"{checkpoint_bytes / gb:.1f} GB + a merged model of {weights_bytes / gb:.1f} GB) on a volume of "
+            f"{capacity_bytes / gb:.1f} GB: grow spec.storage.size (or the claim) before it fills")
+
+
+def fit_warning_for(ckpt: Path, branches: int, keep: int = KEEP) -> str | None:
+    """`checkpoint_fit_warning` for a checkpoint just written, against the volume that holds it."""
+    weights = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    try:
+        st = os.statvfs(ckpt)
+        capacity = st.f_blocks * st.f_frsize
+    except OSError:
+        capacity = 0
+    return checkpoint_fit_warning(_size(ckpt), weights, keep, branches, capacity)
+
+
+def save_checkpoint(storage: Path, branch: str, policy: Policy, optimizer, counters: Counters, keep: int = KEEP):
     """Write a checkpoint atomically. Out of space: raises StorageFull (the partial temp dir is gone, the
     previous checkpoint untouched and still the newest)."""
     final = branch_dir(storage, branch) / "checkpoints" / counters.dirname()

@@ -86,6 +86,7 @@ class LocalRun:
         self.checkpoint_every = checkpoint_every
         self._datasets = None
         self._rewards: dict[str, float] = {}
+        self._storage_warnings: dict[str, str] = {}
         self.manifest = manifest
         self.placement = placement(self.spec.trainer.precision)
 
@@ -122,7 +123,8 @@ class LocalRun:
                 ck = latest_checkpoint(self.out, b.name)
                 if ck and (ck[0].cycle, ck[0].stage) == (status.cycle, status.stage.value):
                     branches[b.name] = BranchReport(status.cycle, status.stage, step=ck[0].step,
-                                                    reward=self._rewards.get(b.name), done=ck[0].stage_done)
+                                                    reward=self._rewards.get(b.name), done=ck[0].stage_done,
+                                                    storage_warning=self._storage_warnings.get(b.name))
         diag = None
         p = self._diag_path(status.cycle)
         if status.cycle and p.exists():
@@ -148,6 +150,8 @@ class LocalRun:
                 rep = run_branch_stage(self.spec, self.out, a.branch, a.cycle, a.stage, hub=hub, sink=self._sink,
                                        run_name=self.name, checkpoint_every=self.checkpoint_every,
                                        datasets=self.datasets)
+                if rep.get("storage_warning"):
+                    self._storage_warnings[a.branch] = rep["storage_warning"]
                 if rep.get("reward") is not None:
                     self._rewards[a.branch] = rep["reward"]
                     if self.metrics:

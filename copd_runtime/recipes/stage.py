@@ -10,6 +10,7 @@ samples it would have drawn.
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,13 @@ import torch
 from copd_core.cycle import Stage, steps_of
 from copd_core.seeding import step_seed
 from copd_core.spec import CoPDRunSpec
-from copd_runtime.checkpoint import Counters, latest_checkpoint, load_optimizer_and_rng, save_checkpoint
+from copd_runtime.checkpoint import (
+    Counters,
+    fit_warning_for,
+    latest_checkpoint,
+    load_optimizer_and_rng,
+    save_checkpoint,
+)
 from copd_runtime.data.datasets import load_dataset
 from copd_runtime.data.examples import Dataset
 from copd_runtime.model_uri import resolve_model_dir
@@ -112,12 +119,25 @@ def run_branch_stage(
     reference = load_policy(base, spec.base_model.kind, place) if stage == Stage.RL and spec.rl.kl_coef > 0 else None
 
     rewards: list[float] = []
+    warned: dict = {}  # "storage_warning": the planned checkpoints will not fit the volume (first checkpoint)
+
+    def checkpoint(counters: Counters) -> None:
+        path = save_checkpoint(storage, branch, policy, optimizer, counters)
+        if not warned and distributed.rank() == 0:
+            msg = fit_warning_for(path, len(spec.branches))
+            warned["storage_warning"] = msg
+            if msg:
+                print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+    def extra() -> dict:
+        return {k: v for k, v in warned.items() if v}
+
     step = start_step
     for step in range(start_step, total):
         if should_stop():
-            save_checkpoint(storage, branch, policy, optimizer, Counters(cycle, stage.value, step, total))
+            checkpoint(Counters(cycle, stage.value, step, total))
             return {"cycle": cycle, "stage": stage.value, "step": step, "done": False,
-                    "reward": _mean(rewards), "message": "stopped after a checkpoint", **resumed}
+                    "reward": _mean(rewards), "message": "stopped after a checkpoint", **resumed, **extra()}
         seed = step_seed(spec.seed, branch, cycle, stage.value, step)
         torch.manual_seed(seed)
         rng = random.Random(seed)
@@ -134,9 +154,9 @@ def run_branch_stage(
                   "steps": total, "seconds": round(time.perf_counter() - t0, 4), **m})
         done = step + 1 == total
         if done or (checkpoint_every and (step + 1) % checkpoint_every == 0):
-            save_checkpoint(storage, branch, policy, optimizer, Counters(cycle, stage.value, step + 1, total))
+            checkpoint(Counters(cycle, stage.value, step + 1, total))
     return {"cycle": cycle, "stage": stage.value, "step": total, "done": True, "reward": _mean(rewards),
-            "message": note, **resumed}
+            "message": note, **resumed, **extra()}
 
 
 def _mean(xs: list[float]) -> float | None:

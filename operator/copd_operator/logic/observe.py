@@ -140,7 +140,8 @@ def branch_report(spec: CoPDRunSpec, cycle: int, stage: Stage, outcome: JobOutco
     if outcome.state == SUCCEEDED:
         return BranchReport(cycle, stage, step=int(rep.get("step", steps_of(spec, stage))),
                             reward=rep.get("reward"), done=bool(rep.get("done", True)),
-                            message=rep.get("message", "") if outcome.report else "no report (empty message)")
+                            message=rep.get("message", "") if outcome.report else "no report (empty message)",
+                            storage_warning=rep.get("storage_warning"))
     return BranchReport(cycle, stage)
 
 
