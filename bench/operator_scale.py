@@ -245,6 +245,21 @@ def proc_figures(pid: int) -> tuple[float, float]:
     return hwm, (int(fields[11]) + int(fields[12])) / tick
 
 
+CONTROL_PLANE = ("kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler", "kwok")
+
+
+def control_plane_cpu(env: dict) -> dict[str, float]:
+    """CPU seconds used so far by each control-plane process of scripts/cluster.sh (its PID files)."""
+    out = {}
+    for c in CONTROL_PLANE:
+        try:
+            pid = int(Path(env["COPD_CLUSTER_DIR"], "pids", f"{c}.pid").read_text().strip())
+            out[c] = proc_figures(pid)[1]
+        except (KeyError, OSError, ValueError):
+            pass
+    return out
+
+
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return r.read().decode()
@@ -347,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    run_doc(name, claim, a.cycles))
             applied[name] = time.monotonic()
 
+        cp0 = control_plane_cpu(env)
         t0 = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(create, range(a.runs)))
@@ -386,6 +402,12 @@ def main(argv: list[str] | None = None) -> int:
             "operator_cpu_s": round(cpu, 1),
             "api_requests_per_run": round(api_requests(text) / a.runs, 1) if text else None,
         }
+        cp1 = control_plane_cpu(env)
+        span = max(1e-9, time.monotonic() - t0)
+        log("control plane CPU during the run (s, share of one core): " + ", ".join(
+            f"{c} {cp1[c] - cp0[c]:.0f} ({(cp1[c] - cp0[c]) / span:.0%})" for c in cp1 if c in cp0)
+            + f"; operator {cpu:.0f} ({cpu / span:.0%}); machine load average {os.getloadavg()[0]:.1f} "
+              f"on {os.cpu_count()} CPUs")
         log(f"transitions measured {len(gaps)}, first pods {len(first)}; operator log {oplog}")
         by = sorted(((float(line.rsplit(" ", 1)[1]), line.split("{", 1)[1].split("}", 1)[0])
                      for line in text.splitlines() if line.startswith("copd_api_requests_total{")), reverse=True)
