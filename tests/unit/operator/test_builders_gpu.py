@@ -38,7 +38,7 @@ def test_a_cpu_only_single_process_stage_is_unchanged():
 
 
 def test_four_gpus_get_torchrun_with_four_processes_and_the_zero_stage():
-    job = builders.build_stage_job(_gpu_run(4, zero_stage=3), CFG, "arith", "uid-arith", 2, "OPD",
+    job = builders.build_stage_job(_gpu_run(4), CFG, "arith", "uid-arith", 2, "OPD",
                                    hub_url="http://h:1")
     c = _container(job)
     assert c["command"] == ["torchrun", "--nproc-per-node=4", "--nnodes=1", "--standalone", "--no-python",
@@ -46,7 +46,7 @@ def test_four_gpus_get_torchrun_with_four_processes_and_the_zero_stage():
     assert c["args"][0] == "stage" and "--hub-url" in c["args"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
     env = {e["name"]: e.get("value") for e in c["env"]}
-    assert '"zeroStage":3' in env["COPD_MANIFEST"]  # the trainers read the stage from the spec
+    assert '"zeroStage":2' in env["COPD_MANIFEST"]  # the trainers read the stage from the spec
     assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
     assert "completionMode" not in job["spec"]
     assert not violations(job["spec"]["template"]["spec"])
