@@ -53,7 +53,8 @@ def test_prometheus_evaluates_the_chart_rules_with_the_local_values(cluster):
     (pr,) = find(docs, "PrometheusRule")
     want = {r["alert"]: r for g in pr["spec"]["groups"] for r in g["rules"]}
     got = {r["name"]: r for g in mon._api("rules", type="alert")["groups"] for r in g["rules"]}
-    assert set(got) == set(want) and len(want) == 8
+    assert set(got) == set(want)
+    assert {"CoPDTopKOverlapCollapse", "CoPDOperatorDown", "CoPDOperatorQueueSaturated"} <= set(want)
     for name, r in want.items():  # Prometheus prints the parsed expression: compare without spaces
         assert re.sub(r"\s+", "", got[name]["query"]) == re.sub(r"\s+", "", r["expr"]), name
     thresholds = yaml.safe_load(LOCAL_VALUES.read_text())["prometheusRule"]["thresholds"]
