@@ -19,8 +19,8 @@ chaos:            ## every fault scenario, the long ones included (~20-40 min on
 	scripts/run-tests.sh -s -m "chaos or not chaos" tests/cluster/test_chaos.py tests/cluster/test_faults.py \
 	  tests/model/test_checkpoint_faults.py
 
-test-kueue:       ## the long Kueue scenarios (4 runs on 8 GPUs, preemption, Kueue restart; ~10 min) on the local control plane
-	COPD_KUEUE_FULL=1 .venv/bin/python -m pytest -q tests/cluster/test_kueue.py
+test-kueue:       ## only the Kueue scenarios (missing queue, 4 runs on 8 GPUs, preemption, Kueue restart; ~5 min; also in `make test`)
+	scripts/run-tests.sh -s tests/cluster/test_kueue.py
 
 cluster-up:
 	scripts/cluster.sh up

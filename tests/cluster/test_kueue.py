@@ -1,9 +1,10 @@
 """CoPDRuns queued by Kueue on the real control plane (scripts/cluster.sh runs the Kueue manager).
 
 Pods are KWOK's (they run for the annotation kwok.copd.io/duration, set through spec.trainer.podAnnotations).
-Default suite: a missing LocalQueue shows a condition and the run waits, then runs once the queue exists
-(one gang-admitted run); `make test-kueue` (COPD_KUEUE_FULL=1) adds four runs sharing 8 GPUs, preemption by a
-higher-priority run, and a Kueue restart mid-run.
+All of it runs in the default suite (about 4-5 min): a missing LocalQueue shows a condition and the run
+waits, then runs once the queue exists (one gang-admitted run); four runs sharing 8 GPUs; preemption by a
+higher-priority run; a Kueue restart mid-run. COPD_KUEUE_FULL=0 skips the last three for a quick local loop;
+`make test-kueue` runs only this file.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from tests.cluster.support import (
     wait_for,
 )
 
-FULL = os.environ.get("COPD_KUEUE_FULL") == "1"
-full_only = pytest.mark.skipif(not FULL, reason="long Kueue scenario: make test-kueue (COPD_KUEUE_FULL=1)")
+FULL = os.environ.get("COPD_KUEUE_FULL", "1") != "0"
+full_only = pytest.mark.skipif(not FULL, reason="long Kueue scenario skipped (COPD_KUEUE_FULL=0)")
 K = ("kueue.x-k8s.io", "v1beta2")
 
 
@@ -273,7 +274,7 @@ def test_missing_queue_waits_then_runs_gang_admitted(cluster, namespace, tmp_pat
 
 
 # ---------------------------------------------------------------------------
-# make test-kueue
+# the long scenarios (COPD_KUEUE_FULL=0 skips them)
 
 
 @pytest.mark.cluster
