@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 
 from copd_runtime.builtin.build import weights_sha256
+from copd_runtime.builtin.warm_start import answer_loss
 from copd_runtime.data.datasets import text_examples
 from copd_runtime.data.examples import Example
 from copd_runtime.model_uri import resolve_model_dir
 from copd_runtime.models.policy import Policy, load_policy
-from copd_runtime.rollout import encode_prompts, forward_logits
 
 
 def _plain(rng: random.Random) -> tuple[str, str]:
@@ -61,19 +61,8 @@ def examples(domain: str, n: int, seed: int) -> list[Example]:
 
 def sft_gradient(policy: Policy, rows: list[Example]) -> torch.Tensor:
     """The flattened gradient of the mean answer-token cross-entropy (the warm start's loss)."""
-    tok = policy.tokenizer
-    enc = encode_prompts(policy, rows)
-    p_ids, p_mask = enc.pop("input_ids"), enc.pop("attention_mask")
-    answers = [tok(e.answer, add_special_tokens=False)["input_ids"] + [policy.eos_id] for e in rows]
-    A = max(map(len, answers))
-    a_ids = torch.tensor([a + [policy.pad_id] * (A - len(a)) for a in answers])
-    a_mask = torch.tensor([[1] * len(a) + [0] * (A - len(a)) for a in answers])
-    ids, mask = torch.cat([p_ids, a_ids], 1), torch.cat([p_mask, a_mask], 1)
-    labels = torch.cat([torch.full_like(p_ids, -100), a_ids.masked_fill(a_mask == 0, -100)], 1)
     policy.model.zero_grad(set_to_none=True)
-    logits = forward_logits(policy, ids, mask, enc)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                             ignore_index=-100)
+    loss = answer_loss(policy, rows)
     loss.backward()
     g = torch.cat([p.grad.flatten() for p in policy.model.parameters() if p.grad is not None])
     policy.model.zero_grad(set_to_none=True)
@@ -96,18 +85,7 @@ def measure(policy: Policy, domains: list[str], batches: int, batch: int) -> dic
 
 def sft_loss(policy: Policy, rows: list[Example]) -> float:
     with torch.no_grad():
-        tok = policy.tokenizer
-        enc = encode_prompts(policy, rows)
-        p_ids, p_mask = enc.pop("input_ids"), enc.pop("attention_mask")
-        answers = [tok(e.answer, add_special_tokens=False)["input_ids"] + [policy.eos_id] for e in rows]
-        A = max(map(len, answers))
-        a_ids = torch.tensor([a + [policy.pad_id] * (A - len(a)) for a in answers])
-        a_mask = torch.tensor([[1] * len(a) + [0] * (A - len(a)) for a in answers])
-        ids, mask = torch.cat([p_ids, a_ids], 1), torch.cat([p_mask, a_mask], 1)
-        labels = torch.cat([torch.full_like(p_ids, -100), a_ids.masked_fill(a_mask == 0, -100)], 1)
-        logits = forward_logits(policy, ids, mask, enc)
-        return float(torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100))
+        return float(answer_loss(policy, rows))
 
 
 def transfer(base: Policy, domains: list[str], steps: int, batch: int, lr: float = 1e-3) -> dict:
