@@ -319,7 +319,7 @@ def copdrun_crd() -> dict:
          "description": "Highest symmetric KL of any direction in the latest cycle"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
-    return _crd(RUN_KIND, RUN_PLURAL, ["copd"], run_spec_schema(), model_schema(RunStatus, object_defaults=False),
+    return _crd(RUN_KIND, RUN_PLURAL, ["crun"], run_spec_schema(), model_schema(RunStatus, object_defaults=False),
                 columns, RUN_ROOT_RULES,
                 "A Co-Evolving Policy Distillation run: K branches of one base model alternate RL and mutual "
                 "on-policy distillation, then merge.")

@@ -62,3 +62,17 @@ def test_immutable_fields_and_operator_judged_spec(cluster, namespace, tmp_path)
         assert not api.jobs(namespace)
     finally:
         op.stop()
+
+
+@pytest.mark.cluster
+def test_kubectl_names(cluster, namespace):
+    """`copd` is the category (CoPDRuns and Branches); a run is got by its short name `crun` or `copdrun`."""
+    apply_crds(cluster)
+    doc = example()
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
+    name = doc["metadata"]["name"]
+    for resource in ("crun", "copdrun", "copdruns"):
+        p = cluster.kubectl("get", resource, name, "-n", namespace, "-o", "name", check=False)
+        assert p.returncode == 0 and p.stdout.strip() == f"copdrun.copd.io/{name}", (resource, p.stderr)
+    listed = cluster.kubectl("get", "copd", "-n", namespace, "-o", "name").stdout.split()
+    assert f"copdrun.copd.io/{name}" in listed

@@ -50,7 +50,10 @@ def test_defaults_enums_ranges_and_printer_columns():
     assert spec["trainer"]["default"]["resources"] == {"gpu": 0, "cpu": "1", "memory": "4Gi"}
     cols = [c["name"] for c in v["additionalPrinterColumns"]]
     assert cols == ["Phase", "Cycle", "Stage", "Queue", "Admission", "Overlap", "SymKL", "Age"]
-    assert doc["spec"]["names"]["shortNames"] == ["copd"]
+    # "copd" is the category (runs and branches); a short name equal to it would make
+    # `kubectl get copd <name>` look the name up among Branches too and fail
+    assert doc["spec"]["names"]["shortNames"] == ["crun"]
+    assert doc["spec"]["names"]["categories"] == ["copd"]
     assert v["subresources"] == {"status": {}}
     bcols = [c["name"] for c in crd.branch_crd()["spec"]["versions"][0]["additionalPrinterColumns"]]
     assert {"Run", "Phase", "Stage", "Step", "Reward"} <= set(bcols)
