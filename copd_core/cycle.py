@@ -497,6 +497,8 @@ def _decide_branch_stage(d: _Decision, observed: Observed) -> None:
                    f"branch {name}, cycle {s.cycle} {s.stage.value}: {report.message}{budget}")
             return
         b = s.branches[name]
+        if b.done and b.cycle == s.cycle and b.stage == s.stage.value:
+            continue  # its report is already in status: a later read (pod gone, empty message) must not overwrite it
         s.branches[name] = BranchStatus(
             cycle=s.cycle, stage=s.stage.value, step=max(b.step, report.step),
             reward=report.reward if report.reward is not None else b.reward,

@@ -406,3 +406,18 @@ def test_unknown_fields_are_reported_not_fatal():
     assert any(isinstance(a, Event) and a.reason == "UnknownFields" for a in acts)
     s, acts = step(spec, s, Observed(unknown_fields=("spec.futureKnob",)), minutes=2)
     assert not any(isinstance(a, Event) and a.reason == "UnknownFields" for a in acts)
+
+
+def test_a_done_branch_keeps_its_persisted_report_when_the_stage_is_read_again():
+    """A report is persisted into status in the reconcile that reads it; a later read of the same stage (the
+    pod gone, an empty termination message: "done, nothing measured") must not overwrite it."""
+    spec = SpecBuilder().obj()
+    s, _ = step(spec, RunStatus())
+    first = BranchReport(1, Stage.RL, step=3, reward=0.75, done=True, message="rl: 3 steps, reward 0.75")
+    s, _ = step(spec, s, Observed(branches={"a": first}))
+    assert s.branches["a"].message == "rl: 3 steps, reward 0.75"
+    again = BranchReport(1, Stage.RL, step=3, done=True, message="no report (empty message)")
+    s, acts = step(spec, s, Observed(branches={"a": again}), minutes=2)
+    a = s.branches["a"]
+    assert (a.done, a.step, a.reward, a.message) == (True, 3, 0.75, "rl: 3 steps, reward 0.75")
+    assert s.stage == Stage.RL and work(acts) == [RunBranchStage("b", 1, Stage.RL)]
