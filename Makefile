@@ -1,5 +1,5 @@
 # The few commands a person needs. See README.md.
-.PHONY: setup demo test test-fast chaos test-kueue cluster-up cluster-down crds lint compare scale builtin-models
+.PHONY: gpu-pins setup demo test test-fast chaos test-kueue cluster-up cluster-down crds lint compare scale builtin-models
 
 UV := $(or $(wildcard $(HOME)/.cache/copd-operator/tools/uv-*/bin/uv),uv)
 
@@ -32,10 +32,15 @@ crds:             ## regenerate crds/ and the chart's copy from copd_core/spec.p
 	.venv/bin/python -m copd_operator.crd --out crds/
 	cp crds/*.yaml helm/copd-operator/crds/
 
-lint:             ## ruff, the import contracts (layers, no cycles), and uv.lock in step with pyproject.toml
+lint:             ## ruff, the import contracts (layers, no cycles), uv.lock in step with pyproject.toml, `.[gpu]` resolves
 	.venv/bin/ruff check .
 	.venv/bin/lint-imports
 	$(firstword $(UV)) lock --check --quiet
+	$(MAKE) --no-print-directory gpu-pins
+
+gpu-pins:         ## `pip install ".[gpu]"` (vllm) resolves for the CUDA image's Python 3.12 on x86_64 (metadata only, ~5 s)
+	$(firstword $(UV)) pip compile pyproject.toml --extra gpu --python-version 3.12 \
+	  --python-platform x86_64-manylinux_2_28 --quiet --output-file /dev/null
 
 builtin-models:   ## rebuild the shipped builtin base models + their SHA256SUMS.json (copd_runtime/builtin/weights)
 	.venv/bin/python -m copd_runtime.builtin.build
