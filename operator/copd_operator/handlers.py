@@ -43,6 +43,32 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     runtime_of(memo).start()
 
 
+@kopf.on.login()
+async def login(memo: kopf.Memo, **kwargs) -> kopf.AiohttpSession | None:
+    """kopf's default login (the kubernetes client's kubeconfig or in-cluster credentials), with its
+    requests counted in copd_api_requests_total: the same connection, in an aiohttp session that
+    carries our TraceConfig (kopf's documented custom-session hook; kopf closes it on re-login)."""
+    import warnings
+
+    import aiohttp
+
+    from copd_operator.io.apiclient import aiohttp_counter
+
+    info = kopf.login_via_client(**kwargs)
+    if info is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        auth = info.as_aiohttp_basic_auth()
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(), auth=auth, proxy=info.proxy_url, trust_env=info.trust_env,
+        trace_configs=[aiohttp_counter(runtime_of(memo).reconciler.metrics.api_request)])
+    return kopf.AiohttpSession(aiohttp_session=session, server=info.server,
+                               default_namespace=info.default_namespace, priority=info.priority,
+                               expiration=info.expiration)
+
+
 @kopf.on.cleanup()
 def cleanup(memo: kopf.Memo, **_) -> None:
     # workers stop, in-flight reconciles finish, then the Lease is released (main repeats this

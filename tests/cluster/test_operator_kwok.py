@@ -102,6 +102,9 @@ def test_operator_kwok_run_walks_every_cycle_to_merge(cluster, namespace, tmp_pa
         assert metric(text, "copd_run_cycle", namespace=namespace, run="demo") == cycles
         assert metric(text, "copd_merge_ready", namespace=namespace, run="demo") == 0.0
         assert metric(text, "copd_phase_transitions_total", phase="Diagnose") >= cycles
+        # kopf's own LIST + WATCH of the runs (its aiohttp session, handlers.login) are counted with the rest
+        assert metric(text, "copd_api_requests_total", verb="list", resource="copdruns") >= 1
+        assert metric(text, "copd_api_requests_total", verb="watch", resource="copdruns") >= 1
 
         report("kwok", first_pod_s=round(first_pod_s, 2), wall_s=round(wall, 1),
                transition_gap_s_mean=round(sum(gaps) / len(gaps), 2), transition_gap_s_max=max(gaps),

@@ -5,8 +5,11 @@
 wraps the client's `rest_client.request`, which every call of every generated API class goes
 through. A request waits for a token (watches excepted: they are long-lived, and the informers
 open at most one per kind and namespace), then counts `copd_api_requests_total{verb,resource}`.
-What client-go's `rest.Config{QPS, Burst}` does for a Go controller; kopf's own watch of the
-CoPDRuns runs on its own (aiohttp) client and is not counted.
+What client-go's `rest.Config{QPS, Burst}` does for a Go controller.
+
+kopf's own requests (API discovery, its LIST + WATCH of the CoPDRuns and, where Kueue is installed,
+of the Workloads) go through its own aiohttp session: `aiohttp_counter(count)` is a TraceConfig
+that counts them the same way (handlers.login gives kopf that session). They are counted, not limited.
 """
 
 from __future__ import annotations
@@ -47,13 +50,18 @@ class TokenBucket:
 
 def classify(method: str, url: str) -> tuple[str, str]:
     """(verb, resource) of a request as the apiserver's audit log names them: get/list/watch/create/update/
-    patch/delete, and the plural with its subresource (`copdruns/status`)."""
+    patch/delete, and the plural with its subresource (`copdruns/status`); API discovery (`/api`,
+    `/apis/<group>/<version>`, `/version`): ("get", "discovery")."""
     parts = urlsplit(url)
     seg = [s for s in parts.path.split("/") if s]
     if seg[:1] == ["api"]:
         seg = seg[2:]  # /api/v1
     elif seg[:1] == ["apis"]:
         seg = seg[3:]  # /apis/<group>/<version>
+    else:
+        seg = []  # /version, /openapi/...
+    if not seg:
+        return "get", "discovery"
     if len(seg) >= 3 and seg[0] == "namespaces":
         seg = seg[2:]
     resource = seg[0] if seg else ""
@@ -88,3 +96,15 @@ def instrument(api_client, qps: float, burst: int,
 
     rest.request = request
     return bucket
+
+
+def aiohttp_counter(count: Callable[[str, str], None]):
+    """An aiohttp TraceConfig that reports (verb, resource) of every request its session sends to `count`."""
+    import aiohttp
+
+    async def on_request_start(_session, _ctx, params) -> None:
+        count(*classify(params.method, str(params.url)))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_request_start)
+    return trace

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 from copd_operator.control.workqueue import WorkQueue
-from copd_operator.io.apiclient import TokenBucket, classify, instrument
+from copd_operator.io.apiclient import TokenBucket, aiohttp_counter, classify, instrument
 from copd_operator.io.informer import ChildIndex, slim
 from copd_operator.logic.cleanup import finished_job_cleanup, jobs_still_read
 from copd_operator.logic.naming import diagnose_job_name, merge_job_name, stage_job_name
@@ -75,6 +75,9 @@ def test_slim_keeps_what_the_reconcile_reads():
     ("DELETE", "https://h/api/v1/namespaces/ns/pods/p", ("delete", "pods")),
     ("GET", "https://h/apis/scheduling.k8s.io/v1/priorityclasses/high", ("get", "priorityclasses")),
     ("GET", "https://h/api/v1/namespaces/ns", ("get", "namespaces")),
+    ("GET", "https://h/apis/copd.io/v1alpha1", ("get", "discovery")),
+    ("GET", "https://h/api", ("get", "discovery")),
+    ("GET", "https://h/version", ("get", "discovery")),
 ])
 def test_classify(method, url, want):
     assert classify(method, url) == want
@@ -116,6 +119,44 @@ def test_instrument_counts_every_request():
     assert len(seen) == 2
     assert m.registry.get_sample_value("copd_api_requests_total", {"verb": "get", "resource": "pods"}) == 1
     assert m.registry.get_sample_value("copd_api_requests_total", {"verb": "create", "resource": "pods"}) == 1
+
+
+def test_aiohttp_counter_counts_what_an_aiohttp_session_sends():
+    """kopf's session (handlers.login) carries this TraceConfig: its LIST and WATCH of the runs are counted."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    async def go():
+        async def answer(_request):
+            return web.json_response({})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        m = CoPDMetrics()
+        try:
+            async with aiohttp.ClientSession(trace_configs=[aiohttp_counter(m.api_request)]) as s:
+                for method, path in [("GET", "/apis/copd.io/v1alpha1/namespaces/ns/copdruns"),
+                                     ("GET", "/apis/copd.io/v1alpha1/namespaces/ns/copdruns?watch=true"),
+                                     ("GET", "/apis/copd.io/v1alpha1/namespaces/ns/copdruns?watch=true"),
+                                     ("GET", "/apis/copd.io/v1alpha1")]:
+                    async with s.request(method, base + path) as r:
+                        assert r.status == 200
+        finally:
+            await runner.cleanup()
+        return m
+
+    m = asyncio.run(go())
+    value = m.registry.get_sample_value
+    assert value("copd_api_requests_total", {"verb": "list", "resource": "copdruns"}) == 1
+    assert value("copd_api_requests_total", {"verb": "watch", "resource": "copdruns"}) == 2
+    assert value("copd_api_requests_total", {"verb": "get", "resource": "discovery"}) == 1
 
 
 # -- the work queue: events before resyncs -------------------------------------------------------
