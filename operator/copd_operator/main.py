@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         # kopf's cleanup handler did this already unless it was cut short; either way the workers
         # have stopped and the Lease is released before the process exits
         rt.shutdown()
+        writers.shutdown(wait=True)
         stop_informers.set()
     return 0
 

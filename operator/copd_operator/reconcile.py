@@ -95,6 +95,7 @@ class Reconciler:
         self.unsent: dict[tuple[str, str], list[dict]] = {}
         self.finished_job_ttl_s = finished_job_ttl_s  # None: finished Jobs stay until the run is deleted
         self._written: dict[tuple[str, str], str] = {}  # (ns, run) -> resourceVersion of our last status write
+        self.stopping = False  # set by OperatorRuntime.shutdown(): an error now is the shutdown's, not the run's
 
     def wrote(self, namespace: str, name: str, resource_version: str | None) -> bool:
         """Whether this resourceVersion of the run is the one our own last status write made."""
@@ -169,6 +170,8 @@ class Reconciler:
         """Make a reconcile's exception visible: condition ReconcileError (reason from the error) and a Warning
         event, once per distinct error (a retry of the same one writes nothing)."""
         md = obj["metadata"]
+        if self.stopping:
+            return  # nothing to record: the next leader or process reconciles the run again
         reason, message = error_condition(err)
         prev = condition(status.conditions, COND_RECONCILE_ERROR)
         if prev is not None and (prev.status, prev.reason, prev.message) == ("True", reason, message):

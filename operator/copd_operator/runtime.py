@@ -8,7 +8,7 @@
 
 `shutdown()` is the one graceful stop: stop the workers, let an in-flight
 reconcile finish, then release the Lease, so that another replica may lead only
-once this one can no longer write.
+once this one can no longer write. main then stops the write pool and the informers.
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ class OperatorRuntime:
     def on_error(self, key: Key, err: BaseException) -> float:
         if isinstance(err, Conflict):
             return CONFLICT_RETRY_S
+        if self.stopping:  # cut short by the shutdown (a request refused at exit): not an error of the run
+            log.info("reconcile %s/%s interrupted by the shutdown: %s", *key, err)
+            return 0.0
         kind = type(err).__name__ if not isinstance(err, ApiException) else f"ApiException{err.status}"
         self.reconciler.metrics.reconcile_errors.labels(kind).inc()
         wait = self.queue.retry_after(key, ERROR_RETRY_S, MAX_ERROR_RETRY_S)
@@ -68,6 +71,10 @@ class OperatorRuntime:
         return wait
 
     # -- lifecycle
+
+    @property
+    def stopping(self) -> bool:
+        return self._shut_down
 
     def start(self) -> Workers:
         """Make the workers; run them now, or (leader election) once this process holds the Lease."""
@@ -84,19 +91,21 @@ class OperatorRuntime:
     def shutdown(self) -> None:
         """Stop the workers, wait (up to join_timeout_s) for in-flight reconciles, release the Lease.
 
-        Idempotent: kopf's cleanup handler calls it, and main calls it again after kopf.run
+        The wait is also what keeps the exit quiet: main returns only after it, so a reconcile is never
+        cut off by the interpreter's shutdown (whose executors refuse new work) and recorded as an error
+        of its run. Idempotent: kopf's cleanup handler calls it, and main calls it again after kopf.run
         returned, in case the cleanup was cut short; a second call waits for the first."""
         with self._lock:
             if self._shut_down:
                 return
             self._shut_down = True
+            self.reconciler.stopping = True
             if self.workers is not None:
                 self.workers.stop()
             else:
                 self.queue.close()
-            if self.elector is None:
-                return
             if self.workers is not None and not self.workers.join(self.join_timeout_s):
-                log.warning("a reconcile is still running after %.0fs; releasing the Lease anyway",
-                            self.join_timeout_s)
-            self.elector.release()
+                log.warning("a reconcile is still running after %.0fs; %s", self.join_timeout_s,
+                            "exiting anyway" if self.elector is None else "releasing the Lease anyway")
+            if self.elector is not None:
+                self.elector.release()

@@ -179,3 +179,42 @@ def test_operator_suspend_then_resume(cluster, namespace, tmp_path):
         assert any(c["type"] == "Progressing" and c["reason"] == "Merged" for c in st["conditions"])
     finally:
         op.stop()
+
+
+@pytest.mark.cluster
+def test_operator_sigterm_mid_run_exits_cleanly(cluster, namespace, tmp_path):
+    """SIGTERM while reconciles are in flight (six runs starting at once, eight workers): the operator waits
+    for them and exits 0, logs no error or traceback, and no run is left with a ReconcileError from the stop;
+    a new process carries every run to the end."""
+    import signal
+
+    apply_crds(cluster)
+    api = Api(cluster)
+    op = Operator(cluster, namespace, tmp_path, "--workers", "8").start()
+    try:
+        for i in range(6):
+            doc = example(tolerations=[KWOK_TOLERATION], nodeSelector=GPU_NODE_SELECTOR)
+            doc["spec"]["trainer"].pop("priorityClassName", None)
+            doc["metadata"]["name"] = f"demo{i}"
+            doc["spec"]["schedule"]["cycles"] = 1
+            doc["spec"]["mergeReadiness"]["minCycles"] = 1
+            apply_doc(cluster, namespace, doc)
+        wait_for(lambda: len(api.jobs(namespace)) >= 3, 120, "the first stage Jobs")
+        start = op.log.stat().st_size
+        op.proc.send_signal(signal.SIGTERM)
+        assert op.proc.wait(60) == 0, op.tail()
+        after = op.log.read_text(errors="replace")[start:]
+        assert "SIGTERM" in after, after[-3000:]
+        bad = [ln for ln in after.splitlines() if " ERROR " in ln or "Traceback" in ln or " WARNING " in ln]
+        assert not bad, after[-3000:]
+        for i in range(6):
+            conds = {c["type"]: c for c in (api.run(namespace, f"demo{i}").get("status") or {}).get("conditions", [])}
+            assert conds.get("ReconcileError", {}).get("status") != "True", conds
+        op.start()
+        for i in range(6):
+            st = wait_for(lambda i=i: (s := api.run(namespace, f"demo{i}").get("status") or {}).get("phase")
+                          in ("Succeeded", "Failed") and s, 300, f"demo{i} to end")
+            assert st["phase"] == "Succeeded", (st, op.tail())
+        assert_no_duplicate_children(api, namespace)
+    finally:
+        op.stop()

@@ -104,3 +104,29 @@ def test_shutdown_before_startup_still_releases():
     rt = _rt(elector=FakeElector(log))
     rt.shutdown()
     assert log == ["released"]
+
+
+def test_shutdown_without_leader_election_waits_for_the_reconcile_and_its_error_is_not_the_runs():
+    """Without a Lease too, shutdown() returns only after the in-flight reconcile: main exits after it, so
+    the interpreter's shutdown never cuts a reconcile off. A reconcile that fails while the process stops
+    (its executor refused work) is logged, not counted as a reconcile error, and the reconciler is told not
+    to record it on the run."""
+    log = []
+    entered, finish = threading.Event(), threading.Event()
+    rt = _rt()
+
+    def reconcile(namespace, name):
+        entered.set()
+        finish.wait(5)
+        log.append("reconcile finished")
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    rt.reconciler.reconcile = reconcile
+    workers = rt.start()
+    rt.queue.add(("ns", "r"))
+    assert entered.wait(5)
+    threading.Timer(0.3, finish.set).start()
+    rt.shutdown()
+    assert log == ["reconcile finished"] and workers.join(0)
+    assert rt.stopping and rt.reconciler.stopping
+    assert ("error", "RuntimeError") not in rt.reconciler.calls
