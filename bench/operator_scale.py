@@ -326,8 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cm = Path(env["COPD_CLUSTER_DIR"], "pids", "kube-controller-manager.pid").read_text().strip()
         argv_cm = Path(f"/proc/{cm}/cmdline").read_text().split("\0")
-        qps = argv_cm[argv_cm.index("--kube-api-qps") + 1] if "--kube-api-qps" in argv_cm else "20 (default)"
-        log(f"kube-controller-manager --kube-api-qps {qps} (COPD_CM_API_QPS; its Job controller makes the pods)")
+        def flag(name: str, default: str) -> str:
+            return argv_cm[argv_cm.index(name) + 1] if name in argv_cm else f"{default} (default)"
+
+        log(f"kube-controller-manager --kube-api-qps {flag('--kube-api-qps', '20')} (COPD_CM_API_QPS) "
+            f"--concurrent-job-syncs {flag('--concurrent-job-syncs', '5')} (COPD_CM_JOB_SYNCS): "
+            "its Job controller makes the pods")
     except (KeyError, OSError, ValueError):
         pass
     log(f"namespace {ns}, {nodes} fake GPU nodes of {GPUS_PER_NODE} GPUs, {a.runs} runs x {a.cycles} cycles")

@@ -36,6 +36,8 @@
 #   COPD_KWOK_NODES [4]   COPD_PROCNODE_NAME [proc-node-0]
 #   COPD_CM_API_QPS [20]  COPD_CM_API_BURST [30]  (kube-controller-manager's client: its Job, TTL and
 #                         GC controllers; bench/operator_scale.py needs more, README "Running many runs")
+#   COPD_CM_JOB_SYNCS [5]  (kube-controller-manager --concurrent-job-syncs and
+#                         --concurrent-ttl-after-finished-syncs: Jobs it syncs at once; the fleet bench needs more)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -53,7 +55,7 @@ AM_PORT="${COPD_ALERTMANAGER_PORT:-29093}"
 KUEUE_PORT="${COPD_KUEUE_PORT:-$((API_PORT + 1))}"
 KUEUE_HEALTH_PORT=$((KUEUE_PORT + 1))
 KWOK_NODES="${COPD_KWOK_NODES:-4}"
-CM_API_QPS="${COPD_CM_API_QPS:-20}" CM_API_BURST="${COPD_CM_API_BURST:-30}"
+CM_API_QPS="${COPD_CM_API_QPS:-20}" CM_API_BURST="${COPD_CM_API_BURST:-30}" CM_JOB_SYNCS="${COPD_CM_JOB_SYNCS:-5}"
 PROCNODE="${COPD_PROCNODE_NAME:-proc-node-0}"
 SERVICE_CIDR=10.96.0.0/16
 API="https://127.0.0.1:$API_PORT"
@@ -321,7 +323,8 @@ start_controller_manager() {
     --use-service-account-credentials=true \
     --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
     --service-cluster-ip-range "$SERVICE_CIDR" --cert-dir "$ST/cm-certs" \
-    --kube-api-qps "$CM_API_QPS" --kube-api-burst "$CM_API_BURST"
+    --kube-api-qps "$CM_API_QPS" --kube-api-burst "$CM_API_BURST" \
+    --concurrent-job-syncs "$CM_JOB_SYNCS" --concurrent-ttl-after-finished-syncs "$CM_JOB_SYNCS"
 }
 
 start_apiserver() {
