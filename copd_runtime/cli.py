@@ -236,7 +236,13 @@ def stage(
                                checkpoint_every=checkpoint_every)
     except Exception as e:
         from copd_runtime.checkpoint import no_space
+        from copd_runtime.hub import HubRefused
 
+        if isinstance(e, HubRefused) and e.reason == "InvalidInput":  # the hub refused this run's input
+            _report({"branch": branch, "cycle": cycle, "stage": stage, "failed": True, "reason": "InvalidInput",
+                     "field": "hub", "message": str(e)[:1000]}, report_file, quiet=True)
+            typer.secho(f"invalid input: {e}", fg="red", err=True)
+            raise typer.Exit(2) from None
         if no_space(e):  # retrying fills the same volume again: a reason, and an exit code that fails the Job
             _report({"branch": branch, "cycle": cycle, "stage": stage, "failed": True, "reason": "StorageFull",
                      "message": str(e)[:1000]}, report_file, quiet=True)
@@ -263,12 +269,15 @@ def hub(
     advertise_url: Annotated[str | None, typer.Option(
         help="The URL trainers should use, published in <storage>/hub/cycle-NNN.json once listening; "
              "default http://$COPD_POD_IP:PORT (the pod's IP), or HOST:PORT when HOST is not 0.0.0.0.")] = None,
+    media_root: Annotated[list[Path] | None, typer.Option(
+        help="Another directory whose images/video frames trainers may name (repeatable); the run's storage "
+             "and its dataset files' directories are always allowed, nothing else.")] = None,
     report_file: ReportOpt = None,
 ) -> None:
     """Serve teacher scoring for the OPD stage of CYCLE (teachers frozen at its start)."""
     import os
 
-    from copd_runtime.hub import InProcessHub, make_server, write_hub_address
+    from copd_runtime.hub import InProcessHub, make_server, media_roots, write_hub_address
     from copd_runtime.recipes.stage import stage_start_model
 
     m = _manifest(manifest)
@@ -281,7 +290,8 @@ def hub(
     h = InProcessHub(snaps, spec.rl.temperature, spec.base_model.kind, placement(spec.trainer.precision))
     for name in snaps:
         h.teacher(name)
-    server = make_server(h, host, port)  # listening from here on, teachers loaded: ready
+    roots = media_roots(spec, storage) + [Path(r) for r in media_root or []]
+    server = make_server(h, host, port, media_roots=roots)  # listening from here on, teachers loaded: ready
     bound = server.server_address[1]
     pod_ip = os.environ.get("COPD_POD_IP")
     url = advertise_url or (f"http://{pod_ip}:{bound}" if pod_ip else
@@ -289,7 +299,7 @@ def hub(
     if url:
         write_hub_address(storage, cycle, url)
     print(json.dumps({"hub": "ready", "cycle": cycle, "teachers": {k: str(v) for k, v in snaps.items()},
-                      "port": server.server_address[1]}), flush=True)
+                      "port": server.server_address[1], "media_roots": [str(r) for r in roots]}), flush=True)
     server.serve_forever()
 
 

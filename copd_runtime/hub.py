@@ -17,6 +17,14 @@ few positions at a time; zeros elsewhere in the [N, L, ...] tensors it returns).
   which the operator runs as a pod behind a Service during OPD phases. Tensors
   travel as safetensors bytes; the JSON header carries the metadata.
 
+Media travel by path, not as pixels: a VLM rollout's request carries each row's image and
+video-frame paths (as the trainer read them: inside the run's storage or a dataset's
+directory, which the hub pod mounts at the same place). The hub checks every path against
+its media roots (`make_server(media_roots=...)`; `copd hub`: the storage and the directories
+of the branches' dataset files), loads the files and runs the TEACHER's own processor on them
+(`load_media`). A path outside the roots, or one it cannot read, is refused with a 400 whose
+body starts with `InvalidInput:`; the client raises `HubRefused` (not retried).
+
 A hub pod can be evicted or deleted mid-stage; the operator creates a new one, maybe
 at another address. Once it listens (teachers loaded), `copd hub` writes its address to
 `<storage>/hub/cycle-NNN.json`; `HttpHub` given the storage reads it before every try
@@ -46,7 +54,10 @@ from safetensors.torch import save as st_save
 from copd_runtime.data.examples import Example
 from copd_runtime.models.device import CPU_FP32, Placement
 from copd_runtime.models.policy import Policy, load_policy
+from copd_runtime.models.vlm import encode_vlm_prompts
 from copd_runtime.rollout import Rollout, teacher_scores
+
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 class InProcessHub:
@@ -223,28 +234,40 @@ class BatchingScorer:
 
 
 def encode_request(teacher: str, rollout: Rollout, k: int, query_ids: torch.Tensor | None) -> bytes:
+    """The request's tensors (ids and masks, no pixels) and, per row, the paths of its media."""
     tensors = {
         "input_ids": rollout.input_ids.contiguous(),
         "attention_mask": rollout.attention_mask.contiguous(),
         "response_mask": rollout.response_mask.contiguous(),
-        **{f"vision.{n}": t.contiguous() for n, t in rollout.vision.items()},
     }
     if query_ids is not None:
         tensors["query_ids"] = query_ids.contiguous()
     meta = {
         "teacher": teacher,
         "k": str(k),
-        "media": json.dumps([[len(e.images), len(e.video)] for e in rollout.examples]),
+        "media": json.dumps([{"images": [os.path.abspath(p) for p in e.images],
+                               "video": [os.path.abspath(p) for p in e.video]} for e in rollout.examples]),
     }
-    return st_save(tensors, metadata=meta)
+    return st_save({n: t.cpu() for n, t in tensors.items()}, metadata=meta)
 
 
 def decode_request(blob: bytes) -> tuple[str, Rollout, int, torch.Tensor | None]:
+    """The rollout of a request; its rows' media are paths (`Rollout.examples`), not yet loaded."""
     tensors = st_load(blob)
     meta = _metadata(blob)
-    media = json.loads(meta["media"])
-    examples = [Example("", "", "", images=("",) * a, video=("",) * b) for a, b in media]
+    media = json.loads(meta.get("media", "[]"))
     n = tensors["input_ids"].shape[0]
+    if len(media) != n or not all(isinstance(m, dict) for m in media):
+        raise InvalidMedia(f"'media' must list one {{images, video}} object per row ({n} rows)")
+    examples = []
+    for i, m in enumerate(media):
+        paths = {}
+        for kind in ("images", "video"):
+            v = m.get(kind, [])
+            if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
+                raise InvalidMedia(f"media[{i}].{kind}: expected a list of paths")
+            paths[kind] = tuple(v)
+        examples.append(Example("", "", "", images=paths["images"], video=paths["video"]))
     rollout = Rollout(
         examples=examples,
         input_ids=tensors["input_ids"],
@@ -253,9 +276,53 @@ def decode_request(blob: bytes) -> tuple[str, Rollout, int, torch.Tensor | None]
         old_logprobs=torch.zeros_like(tensors["response_mask"]),
         truncated=torch.zeros(n, dtype=torch.bool),
         responses=[""] * n,
-        vision={k.removeprefix("vision."): v for k, v in tensors.items() if k.startswith("vision.")},
     )
     return meta["teacher"], rollout, int(meta["k"]), tensors.get("query_ids")
+
+
+# ---------------------------------------------------------------------------
+# Media by path
+
+
+class InvalidMedia(ValueError):
+    """A request's media the hub refuses (outside its roots, unreadable, or for a text teacher)."""
+
+
+def check_media_path(path: str, roots: list[Path], where: str) -> Path:
+    """`path` resolved (symlinks and `..` followed) if it lies inside one of `roots`, else InvalidMedia."""
+    try:
+        real = Path(os.path.realpath(path))
+    except (OSError, ValueError) as e:
+        raise InvalidMedia(f"{where}: {path!r}: {e}") from None
+    if not any(real == r or r in real.parents for r in roots):
+        allowed = ", ".join(str(r) for r in roots) or "none (the hub has no media roots)"
+        raise InvalidMedia(f"{where}: {path!r} is outside the hub's media roots ({allowed})")
+    if not real.is_file():
+        raise InvalidMedia(f"{where}: {path!r} is not a readable file on the hub")
+    return real
+
+
+def load_media(policy: Policy, rollout: Rollout, roots: list[Path]) -> Rollout:
+    """The rollout with its vision tensors made by `policy`'s processor from its rows' media paths
+    (each checked against `roots`), in the policy's dtype: what the trainer's `encode_prompts` made."""
+    if not any(e.images or e.video for e in rollout.examples):
+        return rollout
+    if not policy.is_vlm:
+        raise InvalidMedia("the request carries media but the teacher is a text model")
+    roots = [Path(os.path.realpath(r)) for r in roots]
+    examples = []
+    for i, e in enumerate(rollout.examples):
+        images = tuple(str(check_media_path(p, roots, f"media[{i}].images[{j}]")) for j, p in enumerate(e.images))
+        video = tuple(str(check_media_path(p, roots, f"media[{i}].video[{j}]")) for j, p in enumerate(e.video))
+        examples.append(Example("", "", "", images=images, video=video))
+    try:
+        enc = encode_vlm_prompts(policy.processor, examples)
+    except (OSError, ValueError) as e:  # not an image, a truncated file
+        raise InvalidMedia(f"cannot load the media: {type(e).__name__}: {e}") from None
+    dtype = policy.model.dtype
+    vision = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in enc.items() if k in VISION_KEYS}
+    return Rollout(rollout.examples, rollout.input_ids, rollout.attention_mask, rollout.response_mask,
+                   rollout.old_logprobs, rollout.truncated, rollout.responses, vision)
 
 
 def _metadata(blob: bytes) -> dict[str, str]:
@@ -267,10 +334,12 @@ def _metadata(blob: bytes) -> dict[str, str]:
 # HTTP service
 
 
-def make_server(hub: InProcessHub, host: str, port: int, max_batch_tokens: int = DEFAULT_BATCH_TOKENS
-                ) -> ThreadingHTTPServer:
-    """The hub over HTTP: each connection on its own thread, all scoring through one `BatchingScorer`."""
+def make_server(hub: InProcessHub, host: str, port: int, max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                media_roots: list[Path] = ()) -> ThreadingHTTPServer:
+    """The hub over HTTP: each connection on its own thread (which also loads the request's media
+    from `media_roots`), all scoring through one `BatchingScorer`."""
     scorer = BatchingScorer(hub, max_batch_tokens)
+    roots = [Path(r) for r in media_roots]
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # quiet
@@ -298,9 +367,12 @@ def make_server(hub: InProcessHub, host: str, port: int, max_batch_tokens: int =
             try:
                 blob = self.rfile.read(int(self.headers["Content-Length"]))
                 teacher, rollout, k, query_ids = decode_request(blob)
+                rollout = load_media(hub.teacher(teacher), rollout, roots)
                 out = scorer.score(teacher, rollout, k, query_ids)
                 self._send(200, st_save({n: t.cpu().contiguous() for n, t in out.items()}),
                            "application/octet-stream")
+            except InvalidMedia as e:
+                self._send(400, f"InvalidInput: {e}".encode(), "text/plain")
             except KeyError as e:
                 self._send(404, str(e).encode(), "text/plain")
             except Exception as e:  # a bad request must not kill the hub
@@ -309,6 +381,23 @@ def make_server(hub: InProcessHub, host: str, port: int, max_batch_tokens: int =
     server = ThreadingHTTPServer((host, port), Handler)
     server.scorer = scorer
     return server
+
+
+def media_roots(spec, storage: Path) -> list[Path]:
+    """Where a run's media may lie: its storage and the directories of its branches' dataset files
+    (a JSONL's relative media paths are relative to the file)."""
+    roots = [Path(storage)]
+    for b in spec.branches:
+        for p in (b.dataset.path, b.dataset.eval_path):
+            if p:
+                path = Path(p) if Path(p).is_absolute() else Path(storage) / p
+                roots.append(path.parent)
+    out: list[Path] = []
+    for r in roots:
+        r = Path(os.path.realpath(r))
+        if r not in out:
+            out.append(r)
+    return out
 
 
 def hub_address_file(storage: Path, cycle: int) -> Path:
@@ -335,6 +424,15 @@ def read_hub_address(storage: Path, cycle: int) -> str | None:
 
 class HubUnavailable(RuntimeError):
     """The hub did not answer within the client's whole retry budget."""
+
+
+class HubRefused(RuntimeError):
+    """The hub answered 4xx: the request itself is wrong (retrying cannot help). `reason` is
+    `InvalidInput` when the hub said so (e.g. a media path outside its roots)."""
+
+    def __init__(self, message: str, code: int, reason: str | None):
+        super().__init__(message)
+        self.code, self.reason = code, reason
 
 
 class _Transient(Exception):
@@ -408,7 +506,8 @@ class HttpHub:
             text = e.read().decode(errors="replace")
             if e.code >= 500:
                 raise _Transient(f"{e.code} {text[:200]}") from None
-            raise RuntimeError(f"hub {self.url}: {e.code} {text}") from None
+            reason = "InvalidInput" if text.startswith("InvalidInput:") else None
+            raise HubRefused(f"hub {self.url}: {e.code} {text}", e.code, reason) from None
         except (OSError, http.client.HTTPException) as e:  # refused, reset, unreachable, DNS, timeout, cut off
             raise _Transient(f"{type(e).__name__}: {e}") from None
 

@@ -3,6 +3,9 @@ sampling, log-prob recomputation, GRPO, OPD with a hub teacher, and the hub wire
 
 import math
 import random
+import shutil
+import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,12 +14,27 @@ from copd_core.spec import DatasetSpec, DiagnosticsSpec, OPDSpec, RLSpec
 from copd_runtime.builtin.tiny_vlm import build_tiny_qwen3_vl, single_thread
 from copd_runtime.data.datasets import load_dataset, text_examples
 from copd_runtime.data.media import vision_examples
-from copd_runtime.hub import InProcessHub, decode_request, encode_request
+from copd_runtime.hub import (
+    HttpHub,
+    HubRefused,
+    InProcessHub,
+    decode_request,
+    encode_request,
+    load_media,
+    make_server,
+)
 from copd_runtime.models.policy import Policy, load_policy, save_policy
 from copd_runtime.models.vlm import mm_token_type_ids, vision_token_ids
 from copd_runtime.recipes.grpo import grpo_step
 from copd_runtime.recipes.opd import opd_step
-from copd_runtime.rollout import encode_prompts, forward_logits, response_logprobs, sample, teacher_scores
+from copd_runtime.rollout import (
+    Rollout,
+    encode_prompts,
+    forward_logits,
+    response_logprobs,
+    sample,
+    teacher_scores,
+)
 from tests.model.helpers import SamplerLogits
 
 
@@ -194,25 +212,95 @@ def test_opd_from_an_identical_vlm_teacher_gives_exactly_zero_advantage(policy, 
     assert not _changed(before, policy)
 
 
-def test_wire_format_round_trips_a_vlm_rollout(policy, datasets):
+def test_wire_format_carries_media_paths_and_the_hub_rebuilds_the_pixels(policy, datasets, storage):
+    """No pixels on the wire: the request names each row's media; the hub's processor turns them into
+    exactly the vision tensors the trainer had, and the rows score as before, also after a row split."""
     torch.manual_seed(3)
     ex = datasets["motion"].train[:2] + datasets["color"].train[:3]
     r = sample(policy, ex, max_new_tokens=5, temperature=1.0)
     q = torch.randint(0, 10, (len(r), r.input_ids.shape[1], 4))
-    teacher, back, k, q2 = decode_request(encode_request("motion", r, 4, q))
+    blob = encode_request("motion", r, 4, q)
+    teacher, back, k, q2 = decode_request(blob)
     assert (teacher, k) == ("motion", 4) and torch.equal(q, q2)
     for name in ("input_ids", "attention_mask", "response_mask"):
         assert torch.equal(getattr(back, name), getattr(r, name))
-    assert set(back.vision) == set(r.vision) == {"pixel_values", "image_grid_thw", "pixel_values_videos",
-                                                   "video_grid_thw"}
+    assert back.vision == {} and b"pixel_values" not in blob
+    assert [(e.images, e.video) for e in back.examples] == [(e.images, e.video) for e in ex]
+    loaded = load_media(policy, back, [storage])
+    assert set(loaded.vision) == set(r.vision) == {"pixel_values", "image_grid_thw", "pixel_values_videos",
+                                                     "video_grid_thw"}
     for name, t in r.vision.items():
-        assert torch.equal(back.vision[name], t) and back.vision[name].dtype == t.dtype
-    assert [(len(e.images), len(e.video)) for e in back.examples] == [(0, 4), (0, 4), (1, 0), (1, 0), (1, 0)]
-    # the decoded rollout is scored exactly like the original, also after a row split
-    got = teacher_scores(policy, back.select([0, 3]), 1.0, 4)
+        assert torch.equal(loaded.vision[name], t) and loaded.vision[name].dtype == t.dtype, name
+    got = teacher_scores(policy, loaded.select([0, 3]), 1.0, 4)
     want = teacher_scores(policy, r.select([0, 3]), 1.0, 4)
     for name in got:
-        assert torch.allclose(got[name], want[name], atol=1e-5), name
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.fixture()
+def http_hub(base_dir, storage):
+    """`copd hub`'s server over real HTTP: both VLM teachers, media allowed under the run's storage only."""
+    hub = InProcessHub({"color": base_dir, "motion": base_dir}, temperature=1.0)
+    server = make_server(hub, "127.0.0.1", 0, media_roots=[storage])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield hub, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.scorer.close()
+
+
+def test_http_hub_scores_vlm_rows_from_media_paths_as_from_pixels(policy, datasets, http_hub):
+    """Two trainers' VLM rollouts (video; images) over HTTP, concurrently: the hub loads the media
+    itself and returns what in-process scoring of the trainer's own pixel tensors returns."""
+    hub, url = http_hub
+    torch.manual_seed(5)
+    rollouts = [sample(policy, datasets["motion"].train[:3], max_new_tokens=5, temperature=1.0),
+                sample(policy, datasets["color"].train[:4], max_new_tokens=6, temperature=1.0)]
+    teachers = ["motion", "color"]
+    want = [hub.score(t, r, 4) for t, r in zip(teachers, rollouts)]
+    got: list = [None, None]
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, HttpHub(url, wait_ready_s=30).score(
+        teachers[i], rollouts[i], 4))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for g, w in zip(got, want):
+        assert g is not None and set(g) == set(w)
+        for name in w:
+            assert torch.allclose(g[name], w[name], atol=1e-5), (name, (g[name] - w[name]).abs().max())
+
+
+def test_http_hub_refuses_media_outside_its_roots(policy, datasets, http_hub, storage, tmp_path):
+    """A path outside the run's storage (directly, through `..`, or through a symlink) is refused with a
+    400 InvalidInput naming the row; the client does not retry it and nothing is scored."""
+    hub, url = http_hub
+    torch.manual_seed(6)
+    inside = datasets["color"].train[0]
+    r = sample(policy, [inside], max_new_tokens=4, temperature=1.0)
+    outside = tmp_path / "elsewhere.png"
+    shutil.copy(inside.images[0], outside)
+    link = storage / "media" / "link-out.png"
+    link.unlink(missing_ok=True)
+    link.symlink_to(outside)
+    sneaky = str(storage / "media" / ".." / ".." / outside.parent.name / outside.name)
+    for path in (str(outside), str(link), sneaky, "/etc/hostname"):
+        bad = Rollout([replace(inside, images=(path,))], r.input_ids, r.attention_mask, r.response_mask,
+                      r.old_logprobs, r.truncated, r.responses, r.vision)
+        before = hub.requests
+        client = HttpHub(url, wait_ready_s=30, backoff_s=0.01)
+        with pytest.raises(HubRefused) as err:
+            client.score("color", bad, 4)
+        assert err.value.code == 400 and err.value.reason == "InvalidInput", err.value
+        assert "media[0].images[0]" in str(err.value) and "outside the hub's media roots" in str(err.value)
+        assert client.retries == 0 and hub.requests == before
+    # a path inside the roots that is not an image is refused too, with the loader's reason
+    junk = storage / "media" / "not-an-image.png"
+    junk.write_text("hello")
+    bad = Rollout([replace(inside, images=(str(junk),))], r.input_ids, r.attention_mask, r.response_mask,
+                  r.old_logprobs, r.truncated, r.responses, r.vision)
+    with pytest.raises(HubRefused, match="cannot load the media") as err:
+        HttpHub(url, wait_ready_s=30).score("color", bad, 4)
+    assert err.value.reason == "InvalidInput"
 
 
 def test_saved_vlm_reloads_identically(policy, tmp_path):

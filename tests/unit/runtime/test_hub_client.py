@@ -3,7 +3,9 @@ no retry on a 4xx, a bounded total wait."""
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -12,8 +14,9 @@ import torch
 from safetensors.torch import save as st_save
 
 from copd_runtime.data.examples import Example
-from copd_runtime.hub import HttpHub, HubUnavailable, read_hub_address, write_hub_address
+from copd_runtime.hub import HttpHub, HubRefused, HubUnavailable, read_hub_address, write_hub_address
 from copd_runtime.rollout import Rollout
+from tests.unit.runtime.test_preflight import COPD, manifest
 
 
 def free_port() -> int:
@@ -34,7 +37,7 @@ def rollout() -> Rollout:
 class FakeHub:
     """A hub that answers `/v1/score` with `codes` in turn (then 200 forever)."""
 
-    def __init__(self, codes=()):
+    def __init__(self, codes=(), body: bytes = b"nope"):
         self.codes = list(codes)
         self.posts = 0
         hub = self
@@ -56,7 +59,7 @@ class FakeHub:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 hub.posts += 1
                 code = hub.codes.pop(0) if hub.codes else 200
-                self._send(code, st_save(ANSWER) if code == 200 else b"nope")
+                self._send(code, st_save(ANSWER) if code == 200 else body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -71,8 +74,8 @@ class FakeHub:
 def hubs():
     made = []
 
-    def make(codes=()):
-        h = FakeHub(codes)
+    def make(codes=(), body: bytes = b"nope"):
+        h = FakeHub(codes, body)
         made.append(h)
         return h
 
@@ -107,6 +110,30 @@ def test_4xx_is_not_retried(hubs, code):
     with pytest.raises(RuntimeError, match=str(code)):
         c.score("a", rollout(), 2)
     assert h.posts == 1 and c.retries == 0
+
+
+def test_an_invalid_input_refusal_is_a_hub_refused_with_its_reason(hubs):
+    h = hubs((400,), body=b"InvalidInput: media[0].images[0]: '/etc/x.png' is outside the hub's media roots (/copd)")
+    with pytest.raises(HubRefused) as err:
+        client(h.url).score("a", rollout(), 2)
+    assert err.value.code == 400 and err.value.reason == "InvalidInput" and "/etc/x.png" in str(err.value)
+
+
+def test_copd_stage_fails_with_invalid_input_when_the_hub_refuses_its_input(hubs, tmp_path):
+    """An OPD stage whose request the hub refuses as InvalidInput exits 2 (a FailJob rule) with an
+    InvalidInput report, instead of crash-looping on a request that can never succeed."""
+    h = hubs([400] * 10, body=b"InvalidInput: media[0].images[0]: '/x.png' is outside the hub's media roots (/copd)")
+    path = manifest(tmp_path)
+    storage, rep = tmp_path / "storage", tmp_path / "termination-log"
+    storage.mkdir()
+    r = subprocess.run([COPD, "stage", "--manifest", str(path), "--storage", str(storage), "--branch", "b0",
+                        "--cycle", "1", "--stage", "OPD", "--hub-url", h.url, "--report-file", str(rep)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    report = json.loads(rep.read_text())
+    assert report["failed"] and report["reason"] == "InvalidInput" and "outside the hub's media roots" in \
+        report["message"]
+    assert h.posts == 1, "not retried"
 
 
 def test_a_replaced_hub_is_found_at_its_published_address(hubs, tmp_path):
