@@ -181,3 +181,18 @@ def test_address_file_round_trip(tmp_path):
     assert read_hub_address(tmp_path, 1) == "http://10.0.0.7:8000"
     (tmp_path / "hub" / "cycle-001.json").write_text("{broken")
     assert read_hub_address(tmp_path, 1) is None
+
+
+def test_copd_hub_allows_media_under_the_storage_and_the_dataset_files_directories(tmp_path):
+    import yaml
+
+    from copd_core.spec import parse_manifest
+    from copd_runtime.hub import media_roots
+
+    (tmp_path / "elsewhere").mkdir()
+    path = manifest(tmp_path, datasets=[{"path": "data/a.jsonl"},
+                                        {"path": str(tmp_path / "elsewhere" / "b.jsonl"), "evalPath": "ev/b.jsonl"},
+                                        {"builtin": "arith"}])
+    spec = parse_manifest(yaml.safe_load(path.read_text())).spec
+    storage = tmp_path / "storage"
+    assert media_roots(spec, storage) == [storage, storage / "data", tmp_path / "elsewhere", storage / "ev"]
