@@ -36,6 +36,9 @@ STAGE_ORDER = {"RL": 0, "OPD": 1}
 MANIFEST = "manifest.json"
 ZERO_DIR = "zero"  # DeepSpeed's sharded optimizer state inside a checkpoint of a multi-process trainer
 CORRUPT_PREFIX = ".corrupt-"
+# the Hugging Face model part of a checkpoint is written in shards of at most this size (plus
+# model.safetensors.index.json), so that no single file nor the merge's one output shard is huge
+MAX_SHARD_BYTES = 2 * 10**9
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -190,7 +193,7 @@ def save_checkpoint(storage: Path, branch: str, policy: Policy, optimizer, count
         return final
     try:
         with atomic_dir(final) as tmp:
-            save_policy(policy, tmp)
+            save_policy(policy, tmp, MAX_SHARD_BYTES)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
             (tmp / "state.json").write_text(json.dumps(asdict(counters)))

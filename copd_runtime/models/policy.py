@@ -67,10 +67,17 @@ def load_policy(path: str | Path, kind: str = "auto", placement: Placement = CPU
     return Policy(model=model, tokenizer=AutoTokenizer.from_pretrained(path))
 
 
-def save_policy(policy: Policy, path: str | Path) -> None:
+def save_policy(policy: Policy, path: str | Path, max_shard_bytes: int | None = None,
+                state_dict: dict | None = None) -> None:
+    """The model in its own dtype (bf16 when training in bf16) as Hugging Face safetensors, in shards of
+    at most `max_shard_bytes` (transformers' default, 50 GB, when None) with their index; `state_dict`
+    replaces the model's own tensors (ZeRO-3's gathered weights)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    policy.model.save_pretrained(path, safe_serialization=True)
+    kw = {} if max_shard_bytes is None else {"max_shard_size": max_shard_bytes}
+    if state_dict is not None:
+        kw["state_dict"] = state_dict
+    policy.model.save_pretrained(path, safe_serialization=True, **kw)
     (policy.processor or policy.tokenizer).save_pretrained(path)
 
 

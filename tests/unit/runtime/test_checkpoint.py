@@ -79,7 +79,7 @@ def test_out_of_space_while_writing_keeps_the_previous_checkpoint_and_names_it(t
     prev = _save(tmp_path, policy, 2)
     before = {p.name: p.stat().st_size for p in prev.iterdir()}
 
-    def full(policy, path):
+    def full(policy, path, *args, **kwargs):
         (path / "model.safetensors").write_bytes(b"\0" * 1000)  # a partial file, then the error
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(ck, "save_policy", full)
