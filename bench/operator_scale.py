@@ -21,6 +21,11 @@ What it measures, from its own watches of the namespace (monotonic clock of this
   api_requests_per_run copd_api_requests_total (the operator's /metrics) / runs
 Progress goes to stderr; the last line on stdout is one JSON object with those figures.
 
+A run cut short (--timeout, SIGTERM or Ctrl-C, the operator exiting) still prints it, with what was
+measured until then and, added, "partial": true, "stopped_by", "jobs_done"/"jobs_expected" and
+"transitions_measured"/"transitions_expected" (per run 3 per cycle: RL -> OPD -> Diagnose -> next);
+api_requests_per_run is then the requests so far over all N runs. Exit status 1.
+
 The control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, KWOK) runs on the
 same machine as the operator and this bench: on a small machine the figures are the whole system's.
 """
@@ -287,6 +292,14 @@ def hist_quantile(text: str, name: str, q: float, **labels: str) -> float | None
     return next(le for le, n in buckets if n >= q * total)
 
 
+class Stopped(Exception):
+    """SIGTERM/SIGINT: stop waiting, report what was measured, clean up."""
+
+
+def _stop(signum, _frame) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.operator_scale", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=100)
@@ -298,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="Leave the namespace, the nodes and the operator log.")
     a = p.parse_args(argv)
     timeout = a.timeout if a.timeout is not None else 300 + 3 * a.runs
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
 
     env = cluster_env()
     os.environ["KUBECONFIG"] = env["KUBECONFIG"]
@@ -372,21 +387,30 @@ def main(argv: list[str] | None = None) -> int:
             list(pool.map(create, range(a.runs)))
         log(f"applied {a.runs} runs in {time.monotonic() - t0:.1f}s")
 
-        last = 0.0
-        while True:
-            with rec.lock:
-                done = len(rec.done_at)
-                phases = defaultdict(int)
-                for ph in rec.phase.values():
-                    phases[ph] += 1
-            now = time.monotonic()
-            if done >= a.runs or now - t0 > timeout or op.poll() is not None:
-                break
-            if now - last > 15:
-                last = now
-                log(f"t={now - t0:.0f}s done {done}/{a.runs} phases {dict(phases)} jobs seen "
-                    f"{len(rec.job_created)} pods' runs {len(rec.first_pod)}")
-            time.sleep(1.0)
+        branches = len(run_doc("x", claim, a.cycles)["spec"]["branches"])
+        jobs_expected = a.runs * (a.cycles * (2 * branches + 1) + 1)  # RL + OPD per branch, diagnose; merge
+        last, stopped_by = 0.0, None
+        try:
+            while True:
+                with rec.lock:
+                    done, jobs_done = len(rec.done_at), len(rec.job_done)
+                    phases = defaultdict(int)
+                    for ph in rec.phase.values():
+                        phases[ph] += 1
+                now = time.monotonic()
+                if done >= a.runs:
+                    break
+                if now - t0 > timeout or op.poll() is not None:
+                    stopped_by = "timeout" if op.poll() is None else "operator exited"
+                    break
+                if now - last > 15:
+                    last = now
+                    log(f"t={now - t0:.0f}s done {done}/{a.runs} phases {dict(phases)} jobs seen "
+                        f"{len(rec.job_created)}, finished {jobs_done}/{jobs_expected}; pods' runs {len(rec.first_pod)}")
+                time.sleep(1.0)
+        except Stopped as e:
+            stopped_by = str(e)
+        stopped_after = time.monotonic() - t0
         end = max(rec.done_at.values()) if rec.done_at else time.monotonic()
         text = scrape(port) if op.poll() is None else ""
         rss, cpu = proc_figures(op.pid) if op.poll() is None else (float("nan"), float("nan"))
@@ -406,6 +430,14 @@ def main(argv: list[str] | None = None) -> int:
             "operator_cpu_s": round(cpu, 1),
             "api_requests_per_run": round(api_requests(text) / a.runs, 1) if text else None,
         }
+        if completed < a.runs:
+            with rec.lock:
+                jobs_done = len(rec.job_done)
+            result.update(partial=True, stopped_by=stopped_by or "runs failed", stopped_after_s=round(stopped_after, 1),
+                          jobs_done=jobs_done, jobs_expected=jobs_expected, transitions_measured=len(gaps),
+                          transitions_expected=3 * a.cycles * a.runs)
+            log(f"PARTIAL ({result['stopped_by']} after {stopped_after:.0f}s): {completed}/{a.runs} runs completed, "
+                f"{jobs_done}/{jobs_expected} Jobs finished, {len(gaps)}/{3 * a.cycles * a.runs} transitions measured")
         cp1 = control_plane_cpu(env)
         span = max(1e-9, time.monotonic() - t0)
         log("control plane CPU during the run (s, share of one core): " + ", ".join(

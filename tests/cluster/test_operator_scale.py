@@ -34,3 +34,20 @@ def test_operator_scale_bench_10_runs(cluster):
     # every run went Pending -> RL -> OPD -> Diagnose (x2) -> Merging: 6 measured transitions each
     assert res["phase_transition_p50_s"] <= res["phase_transition_p99_s"]
     assert res["api_requests_per_run"] > 0
+
+
+@pytest.mark.cluster
+def test_operator_scale_bench_cut_short_still_reports(cluster):
+    """A bench stopped before its runs end (here its --timeout, 5 s after the apply) prints what it measured,
+    marked partial with the Jobs and transitions it saw, and exits 1."""
+    p = subprocess.run([sys.executable, "-m", "bench.operator_scale", "--runs", "4", "--timeout", "5"],
+                       cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=600)
+    lines = p.stdout.strip().splitlines()
+    assert lines, p.stderr[-4000:]
+    res = json.loads(lines[-1])
+    print("SCALE-PARTIAL", json.dumps(res))
+    assert p.returncode == 1, p.stderr[-4000:]
+    assert KEYS <= set(res) and res["partial"] is True and res["stopped_by"] == "timeout", res
+    assert res["completed"] < 4 and res["jobs_expected"] == 4 * 15 and res["transitions_expected"] == 4 * 6
+    assert 0 <= res["jobs_done"] < res["jobs_expected"] and res["stopped_after_s"] >= 5
+    assert "PARTIAL (timeout" in p.stderr
