@@ -321,11 +321,11 @@ class TrainerSpec(_Model):
         "(`resources.gpu`); more than one pod makes the stage an Indexed Job whose pods meet through a "
         "headless Service (c10d rendezvous) and restart together.",
     )
-    zero_stage: Literal[2] = Field(
+    zero_stage: Literal[2, 3] = Field(
         2, description="DeepSpeed ZeRO stage of a trainer that runs more than one process (gpu > 1 or "
-        "nodes > 1): 2 shards the optimizer state and gradients across the processes. Stage 3 (weights "
-        "sharded too) is not supported yet: the trainer's chunked LM head reads the output weight outside "
-        "the head module, which ZeRO-3 would have partitioned.",
+        "nodes > 1): 2 shards the optimizer state and gradients across the processes (every process holds "
+        "the whole model); 3 shards the weights too (each process holds 1/N of them, gathered module by "
+        "module for each forward and backward: less memory, more communication).",
     )
     pod_labels: dict[str, str] = Field(
         default_factory=dict, max_length=64,

@@ -221,8 +221,9 @@ def _rng_state() -> dict:
 
 def _save_sharded(final: Path, policy: Policy, optimizer, counters: Counters) -> None:
     """A checkpoint written by every rank: DeepSpeed's sharded optimizer state (and master weights) in
-    `zero/`, the bf16/fp32 Hugging Face model and the counters from rank 0 (ZeRO-2: every rank holds the
-    whole model). One shared temp directory, renamed into place by rank 0 once every rank is done."""
+    `zero/`, the bf16/fp32 Hugging Face model (sharded) and the counters from rank 0 (ZeRO-2: every rank
+    holds the whole model; ZeRO-3: its weights are first gathered onto rank 0). One shared temp
+    directory, renamed into place by rank 0 once every rank is done."""
     import torch.distributed as dist
 
     tmp = final.parent / f".tmp-{final.name}-sharded"
@@ -231,9 +232,10 @@ def _save_sharded(final: Path, policy: Policy, optimizer, counters: Counters) ->
         tmp.mkdir(parents=True)
     dist.barrier()
     optimizer.save(tmp / ZERO_DIR)
+    full = optimizer.full_state_dict()  # ZeRO-3: a collective, the whole weights on rank 0 only
     dist.barrier()
     if distributed.rank() == 0:
-        save_policy(policy, tmp)
+        save_policy(policy, tmp, MAX_SHARD_BYTES, state_dict=full)
         torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(counters)))
         write_manifest(tmp)

@@ -10,6 +10,13 @@ positions that predict a response token, then the LM head over a few of them at 
 time (`maths.logprobs`). No [N, L, V] tensor is ever made, and π_old is the
 trainer's own forward, not `generate()`'s incremental logits: a teacher with the
 student's weights scores the same rows to exactly the same bits.
+
+Under DeepSpeed ZeRO-3 each rank holds only a slice of every weight, and a module's own
+call gathers its weights (hooks before its forward, and again before its backward).
+The LM head is therefore always run as the output-embedding module's call
+(`_through_head`), so the chunked head sees the whole weight in forward and backward;
+and `generate()` runs with `synced_gpus` (every rank takes as many forward steps as the
+longest, since each forward is a collective).
 """
 
 from __future__ import annotations
@@ -170,6 +177,46 @@ def lm_head_of(policy: Policy) -> LMHead:
     return LMHead(out.weight, getattr(out, "bias", None), masked)
 
 
+def vocab_of(policy: Policy) -> int:
+    """Rows of the LM head (also under ZeRO-3, where the weight tensor itself is a slice)."""
+    w = policy.model.get_output_embeddings().weight
+    return int(getattr(w, "ds_shape", w.shape)[0])
+
+
+def _partitioned(module: torch.nn.Module) -> bool:
+    """ZeRO-3 has partitioned the module's weights (DeepSpeed marks each such parameter with `ds_id`)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _through_head(policy: Policy, fn, *args):
+    """`fn(lm_head_of(policy), *args)`, run as the call of the model's output-embedding module: under
+    ZeRO-3 the module's hooks gather its partitioned weight for the forward and, through the output
+    tensors, again for the backward. Elsewhere a plain call."""
+    out = policy.model.get_output_embeddings()
+    if not _partitioned(out):
+        return fn(lm_head_of(policy), *args)
+    out.forward = lambda *a: fn(lm_head_of(policy), *a)  # the instance attribute shadows the class's forward
+    try:
+        return out(*args)
+    finally:
+        del out.forward
+
+
+def head_token_logprobs_M(policy: Policy, hidden_M_H: torch.Tensor, targets_M: torch.Tensor,
+                          temperature: float) -> torch.Tensor:
+    """`maths.logprobs.token_logprobs_M` through the policy's LM head (ZeRO-3 safe; differentiable)."""
+    return _through_head(policy, lambda head, h, y: token_logprobs_M(head, h, y, temperature), hidden_M_H, targets_M)
+
+
+def head_topk_M_K(policy: Policy, hidden_M_H: torch.Tensor, temperature: float, k: int,
+                  query_ids_M_Q: torch.Tensor | None = None):
+    """`maths.logprobs.topk_logprobs_M_K` through the policy's LM head (ZeRO-3 safe; no gradient)."""
+    if query_ids_M_Q is None:
+        return _through_head(policy, lambda head, h: topk_logprobs_M_K(head, h, temperature, k), hidden_M_H)
+    return _through_head(policy, lambda head, h, q: topk_logprobs_M_K(head, h, temperature, k, q),
+                         hidden_M_H, query_ids_M_Q)
+
+
 def forward_hidden(policy: Policy, input_ids, attention_mask, vision: dict | None = None) -> torch.Tensor:
     """The last hidden state [N, L, H] (what the LM head would read)."""
     kwargs = _forward_kwargs(policy, input_ids, attention_mask, vision)
@@ -202,7 +249,7 @@ def response_logprobs(policy: Policy, r: Rollout, temperature: float) -> torch.T
     r = r.to(policy.device)
     hidden = response_hidden_M_H(policy, r)
     targets = r.input_ids[:, 1:][predicts_response_N_L(r)]
-    return spread_N_L(token_logprobs_M(lm_head_of(policy), hidden, targets, temperature), r)
+    return spread_N_L(head_token_logprobs_M(policy, hidden, targets, temperature), r)
 
 
 @torch.no_grad()
@@ -233,6 +280,8 @@ def sample(
         max_new_tokens=max_new_tokens,
         eos_token_id=policy.eos_id,
         pad_token_id=policy.pad_id,
+        synced_gpus=_partitioned(policy.model) and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1,
     )
     P = prompt_ids.shape[1]
     gen = out[:, P:]
@@ -266,12 +315,11 @@ def teacher_scores(policy: Policy, r: Rollout, temperature: float, k: int, query
     r = r.to(policy.device)
     if query_ids is not None:
         query_ids = query_ids.to(policy.device)
-    head = lm_head_of(policy)
     hidden = response_hidden_M_H(policy, r)
     at = predicts_response_N_L(r)
-    sampled = token_logprobs_M(head, hidden, r.input_ids[:, 1:][at], temperature)
+    sampled = head_token_logprobs_M(policy, hidden, r.input_ids[:, 1:][at], temperature)
     query = None if query_ids is None else query_ids[:, 1:][at]
-    top_ids, top_lp, query_lp = topk_logprobs_M_K(head, hidden, temperature, k, query)
+    top_ids, top_lp, query_lp = head_topk_M_K(policy, hidden, temperature, k, query)
     res = {
         "sampled_logprobs": spread_N_L(sampled, r),
         "topk_ids": spread_N_L(top_ids, r),

@@ -7,7 +7,10 @@ GRPO groups: a group's advantages need only its own rewards) and runs the same c
 update on its rows; `ZeroOptimizer` wraps DeepSpeed's engine, which averages the gradients
 across ranks and shards the optimizer state (ZeRO-2) and also the weights (ZeRO-3) — the
 stage is `spec.trainer.zeroStage`. In bf16 DeepSpeed keeps the
-fp32 master weights inside its sharded optimizer.
+fp32 master weights inside its sharded optimizer. Under ZeRO-3 every forward is a
+collective (each module gathers its weights), so every rank runs the same passes
+(`rollout` runs the LM head through its module and generates with `synced_gpus`), and a
+checkpoint's Hugging Face weights are gathered onto rank 0 (`full_state_dict`).
 
 The update equals the single-process one: every rank divides its token sum by the whole
 mini-batch's token count (an all-reduce) times the world size (DeepSpeed averages), and
@@ -79,13 +82,22 @@ def share(items: list, of_rank: int | None = None, ranks: int | None = None) -> 
     return items[r::w]
 
 
+# ZeRO-3 keeps parameters of at most this many elements whole on every rank (DeepSpeed's own
+# default, 1e5, when unset); COPD_ZERO3_PERSISTENCE_THRESHOLD=0 partitions every one (the CPU tests
+# use it: a tiny model's weights would all stay whole otherwise)
+PERSISTENCE_ENV = "COPD_ZERO3_PERSISTENCE_THRESHOLD"
+
+
 def ds_config(zero_stage: int, bf16: bool, world: int) -> dict:
+    zero = {"stage": zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    if zero_stage == 3 and os.environ.get(PERSISTENCE_ENV, "").strip():
+        zero["stage3_param_persistence_threshold"] = int(os.environ[PERSISTENCE_ENV])
     return {
         "train_micro_batch_size_per_gpu": 1,  # the trainer forms its own micro-batches (rl.microBatchTokens)
         "gradient_accumulation_steps": 1,  # and marks the accumulation boundary itself
         "train_batch_size": world,
         "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": zero_stage, "overlap_comm": False, "contiguous_gradients": True},
+        "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
@@ -102,11 +114,9 @@ class ZeroOptimizer:
     def __init__(self, model: torch.nn.Module, lr: float, zero_stage: int, bf16: bool):
         import deepspeed
 
-        if zero_stage == 3:
-            raise ValueError(
-                "trainer.zeroStage 3 is not supported by the trainer yet: its chunked LM head reads the output "
-                "weight outside the head module's forward, which ZeRO-3 has partitioned; use zeroStage 2")
-
+        if zero_stage not in (2, 3):
+            raise ValueError(f"trainer.zeroStage {zero_stage}: the trainer runs DeepSpeed ZeRO stage 2 or 3")
+        self.zero_stage = zero_stage
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
@@ -120,6 +130,10 @@ class ZeroOptimizer:
         self.engine.zero_grad()
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        # What the engine's own forward does first (the trainer calls the model's modules directly):
+        # without it ZeRO-3 never advances its micro-step and each micro-batch's gradient would
+        # replace the previous one's instead of adding to it
+        self.engine.optimizer.clear_backward_seen_flag()
         self.engine.set_gradient_accumulation_boundary(boundary)
         self.engine.backward(loss)
 
@@ -132,6 +146,14 @@ class ZeroOptimizer:
     def save(self, directory: Path) -> None:
         """Every rank writes its shard (a collective: all ranks call it with the same directory)."""
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+
+    def full_state_dict(self) -> dict | None:
+        """ZeRO-3: the whole model's weights (in the model's dtype) gathered layer by layer onto rank 0's
+        CPU, as a state dict there, None on the other ranks (a collective: every rank calls it). ZeRO-2
+        (every rank holds the whole model): None, the model's own state dict is whole."""
+        if self.zero_stage != 3:
+            return None
+        return self.engine._zero3_consolidated_16bit_state_dict()  # what transformers' own integration calls
 
     def load(self, directory: Path) -> None:
         self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_module_strict=True,

@@ -39,11 +39,18 @@ from copd_runtime.maths.diagnostics import (
     mass_overlap_B_T,
     topk_overlap_B_T,
 )
-from copd_runtime.maths.logprobs import token_logprobs_M, topk_logprobs_M_K
 from copd_runtime.maths.losses import opd_advantages_B_T
 from copd_runtime.models.policy import Policy
 from copd_runtime.recipes.grpo import policy_update, rank_share
-from copd_runtime.rollout import lm_head_of, predicts_response_N_L, response_hidden_M_H, sample, spread_N_L
+from copd_runtime.rollout import (
+    head_token_logprobs_M,
+    head_topk_M_K,
+    predicts_response_N_L,
+    response_hidden_M_H,
+    sample,
+    spread_N_L,
+    vocab_of,
+)
 
 
 def opd_step(
@@ -72,8 +79,7 @@ def opd_step(
 
     rollout = sample(policy, [ex for _, ex in rows], rl.max_new_tokens, rl.temperature, logprobs=False)
     mask = rollout.response_mask
-    head = lm_head_of(policy)
-    k = min(diag.top_k, head.vocab)
+    k = min(diag.top_k, vocab_of(policy))
 
     teacher_lp = torch.zeros_like(rollout.old_logprobs)
     out: dict[str, float] = {}
@@ -85,14 +91,14 @@ def opd_step(
         with torch.no_grad():  # the student on these rows: π_old and its own top-k
             hidden = response_hidden_M_H(policy, sub)
             rollout.old_logprobs[it] = spread_N_L(
-                token_logprobs_M(head, hidden, sub.input_ids[:, 1:][at], rl.temperature), sub)
-            s_top, s_top_lp, _ = topk_logprobs_M_K(head, hidden, rl.temperature, k)
+                head_token_logprobs_M(policy, hidden, sub.input_ids[:, 1:][at], rl.temperature), sub)
+            s_top, s_top_lp, _ = head_topk_M_K(policy, hidden, rl.temperature, k)
         scores = {n: v.to(rollout.device) for n, v in hub.score(t, sub, k=k, query_ids=spread_N_L(s_top, sub)).items()}
         teacher_lp[it] = scores["sampled_logprobs"]
 
         # diagnostics on the visited states ([M, ...]: response positions only)
         t_top = scores["topk_ids"][:, 1:][at]
-        _, _, s_at_t_top = topk_logprobs_M_K(head, hidden, rl.temperature, 0, query_ids_M_Q=t_top)
+        _, _, s_at_t_top = head_topk_M_K(policy, hidden, rl.temperature, 0, query_ids_M_Q=t_top)
         overlap = topk_overlap_B_T(s_top, t_top)
         support = torch.cat([t_top, s_top], -1)
         slp = torch.cat([s_at_t_top, s_top_lp], -1)

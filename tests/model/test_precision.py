@@ -38,8 +38,9 @@ def test_precision_field_and_its_resolution():
     assert parse_manifest(_manifest(precision="bf16")).spec.trainer.precision == "bf16"
     with pytest.raises(SpecError, match="trainer.precision"):
         parse_manifest(_manifest(precision="fp16"))
-    with pytest.raises(SpecError, match="trainer.zeroStage"):  # ZeRO-3 is refused at admission
-        parse_manifest(_manifest(zeroStage=3))
+    assert parse_manifest(_manifest(zeroStage=3)).spec.trainer.zero_stage == 3
+    with pytest.raises(SpecError, match="trainer.zeroStage"):  # only stages 2 and 3 at admission
+        parse_manifest(_manifest(zeroStage=1))
     assert resolve_precision("auto", cuda=True) == "bf16"
     assert resolve_precision("auto", cuda=False) == "fp32"
     assert resolve_precision("fp32", cuda=True) == "fp32"

@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO data parallel on the CPU: 2 processes under torchrun (gloo, DS_ACCELERATOR=cpu)
-give the same update as one process with the whole batch, and resume from their sharded state."""
+give the same update as one process with the whole batch, and resume from their sharded state;
+ZeRO-2 (optimizer state sharded) and ZeRO-3 (the weights too, the LM head's included)."""
 
 import os
 import subprocess
@@ -11,6 +12,7 @@ import torch
 from copd_core.spec import RLSpec
 from copd_runtime.data.datasets import text_examples
 from copd_runtime.maths.losses import group_advantages_P_G
+from copd_runtime.models.distributed import PERSISTENCE_ENV
 from copd_runtime.models.optim import make_optimizer
 from copd_runtime.models.policy import load_policy
 from copd_runtime.recipes.grpo import policy_update
@@ -47,11 +49,11 @@ def _single_process(tiny_dirs, rollout, adv, rl):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [2])
+@pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_process_zero_update_equals_one_process_and_resumes(tiny_dirs, tmp_path, zero_stage):
     rollout, adv, rl = _case(tiny_dirs, tmp_path)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "COPD_DEVICE": "cpu",
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(ROOT), PERSISTENCE_ENV: "0"}  # ZeRO-3: every weight partitioned, none kept whole
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
            "tests.model.zero_worker", str(tiny_dirs["a"]), str(tmp_path / "case.pt"), str(tmp_path),
            str(zero_stage)]
@@ -59,6 +61,9 @@ def test_two_process_zero_update_equals_one_process_and_resumes(tiny_dirs, tmp_p
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     got = torch.load(tmp_path / "result.pt", weights_only=False)
     assert got["world"] == 2
+    # ZeRO-3: each rank held slices of every weight (the LM head's included); ZeRO-2: whole weights
+    assert (len(got["partitioned"]) > 0) == (zero_stage == 3)
+    assert zero_stage == 2 or "model.embed_tokens.weight" in got["partitioned"]
 
     want1, want2 = _single_process(tiny_dirs, rollout, adv, rl)
     base = dict(load_policy(tiny_dirs["a"]).model.named_parameters())

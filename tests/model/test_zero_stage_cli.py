@@ -1,6 +1,7 @@
 """`copd stage` under torchrun, 2 processes on the CPU (gloo, DS_ACCELERATOR=cpu), as the operator runs it
-on a pod with 2 GPUs: DeepSpeed ZeRO-2, a sharded checkpoint per step, a resume from the sharded state,
-one report (global rank 0)."""
+on a pod with 2 GPUs: DeepSpeed ZeRO-2 and ZeRO-3 (weights partitioned; the checkpoint's Hugging Face
+weights gathered onto rank 0), a sharded checkpoint per step, a resume from the sharded state, one
+report (global rank 0)."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import yaml
 from copd_core.spec import parse_manifest
 from copd_runtime.checkpoint import ZERO_DIR, latest_checkpoint, list_checkpoints
 from copd_runtime.model_uri import resolve_model_dir
+from copd_runtime.models.distributed import PERSISTENCE_ENV
 from copd_runtime.models.policy import load_policy
 from tests import ROOT
 
@@ -33,7 +35,7 @@ MANIFEST = {
 
 def _stage(tmp_path, storage):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "COPD_DEVICE": "cpu",
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(ROOT), PERSISTENCE_ENV: "0"}  # ZeRO-3: every weight partitioned
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
            "copd_runtime.cli", "stage", "--manifest", str(tmp_path / "run.yaml"), "--storage", str(storage),
            "--branch", "a", "--cycle", "1", "--stage", "RL", "--checkpoint-every", "1",
@@ -47,10 +49,13 @@ def _stage(tmp_path, storage):
 
 
 @pytest.mark.slow
-def test_copd_stage_under_torchrun_checkpoints_sharded_and_resumes(tmp_path):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_copd_stage_under_torchrun_checkpoints_sharded_and_resumes(tmp_path, zero_stage):
     storage = tmp_path / "storage"
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(MANIFEST))
-    spec = parse_manifest(MANIFEST).spec
+    manifest = {**MANIFEST, "spec": {**MANIFEST["spec"], "trainer": {"resources": {"gpu": 2},
+                                                                      "zeroStage": zero_stage}}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(manifest))
+    spec = parse_manifest(manifest).spec
     base = resolve_model_dir(spec.base_model.uri, storage)  # built once, before the ranks start
 
     rep = _stage(tmp_path, storage)
@@ -62,8 +67,9 @@ def test_copd_stage_under_torchrun_checkpoints_sharded_and_resumes(tmp_path):
     records = [json.loads(line) for line in (storage / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]  # one record per step (rank 0), whole-batch figures
     assert all(r["tokens"] > 0 for r in records)
-    moved = load_policy(cks[-1][1]).model.state_dict()
+    moved = load_policy(cks[-1][1]).model.state_dict()  # ZeRO-3: the weights gathered onto rank 0, whole
     start = load_policy(base).model.state_dict()
+    assert {k: v.shape for k, v in moved.items()} == {k: v.shape for k, v in start.items()}
     updated = any(r["skipped"] == 0.0 for r in records)  # some step had a reward signal
     assert any(not (moved[k] == start[k]).all() for k in start) == updated
 

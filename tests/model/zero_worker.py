@@ -36,24 +36,30 @@ def main(model_dir: str, case_file: str, out_dir: str, zero_stage: str) -> None:
         mask = sub.response_mask
         return policy_update(pol, opt, sub, adv_r[:, None] * mask, mask, rl)
 
-    def params(pol):
+    def params(pol, opt):
+        full = opt.full_state_dict()  # ZeRO-3: gathered onto rank 0 (every rank takes part)
+        if full is not None:
+            return {n: t.detach().clone() for n, t in full.items()}
         return {n: p.detach().clone() for n, p in pol.model.named_parameters()}
 
     pol = load_policy(model_dir, placement=place)
     opt = ZeroOptimizer(pol.model, case["lr"], int(zero_stage), bf16=False)
+    partitioned = [n for n, p in pol.model.named_parameters() if p.numel() == 0]  # ZeRO-3: slices only
     stats1 = update(pol, opt)
-    after1 = params(pol)
+    after1 = params(pol, opt)
     opt.save(out / "ckpt")
     stats2 = update(pol, opt)
-    after2 = params(pol)
+    after2 = params(pol, opt)
 
     resumed = load_policy(model_dir, placement=place)  # the base weights: the checkpoint must restore them
     opt2 = ZeroOptimizer(resumed.model, case["lr"], int(zero_stage), bf16=False)
     opt2.load(out / "ckpt")
     update(resumed, opt2)
+    resumed2 = params(resumed, opt2)
     if distributed.rank() == 0:
-        torch.save({"after1": after1, "after2": after2, "resumed2": params(resumed), "stats1": stats1,
-                    "stats2": stats2, "world": distributed.world_size()}, out / "result.pt")
+        torch.save({"after1": after1, "after2": after2, "resumed2": resumed2, "stats1": stats1,
+                    "stats2": stats2, "world": distributed.world_size(), "partitioned": partitioned},
+                   out / "result.pt")
 
 
 if __name__ == "__main__":
