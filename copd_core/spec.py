@@ -197,6 +197,30 @@ class DiagnosticsSpec(_Model):
     probe_prompts: int = Field(16, ge=1, le=100_000, description="Fixed probe prompts per (student, teacher) pair.")
 
 
+class RolloutEngine(StrEnum):
+    HF = "hf"
+    VLLM = "vllm"
+
+
+class RolloutSpec(_Model):
+    engine: RolloutEngine = Field(
+        RolloutEngine.HF,
+        description="What samples the responses and scores the teachers' tokens. `hf`: transformers' "
+        "`generate` and forward passes in the trainer and hub processes (CPU or GPU). `vllm`: a vLLM 0.33 "
+        "engine colocated with each trainer process on its GPU (asleep while the trainer updates, the new "
+        "weights loaded into it before each rollout) and one per teacher in the hub, which scores through "
+        "vLLM's prompt log-probs. Needs a CUDA GPU and the image built with the `gpu` extra; text models "
+        "only, and rl.temperature 1 (vLLM's prompt log-probs are at temperature 1). The trainer's update "
+        "and π_old are the trainer's own forward either way.",
+    )
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0.0, le=0.95,
+        description="vllm only: the fraction of each GPU's memory the vLLM engine may take (its weights + "
+        "KV cache); the trainer's model, gradients and optimizer state must fit in the rest. In the hub, "
+        "the teachers' engines share this fraction.",
+    )
+
+
 class MergeReadinessSpec(_Model):
     min_topk_overlap: float = Field(0.9, ge=0.0, le=1.0, description="Every direction's overlap must reach this.")
     max_symmetric_kl: float = Field(0.5, ge=0.0, description="Every direction's symmetric KL must stay below this.")
@@ -398,6 +422,7 @@ class CoPDRunSpec(_Model):
     rl: RLSpec = Field(default_factory=RLSpec)
     opd: OPDSpec = Field(default_factory=OPDSpec)
     diagnostics: DiagnosticsSpec = Field(default_factory=DiagnosticsSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     merge_readiness: MergeReadinessSpec = Field(default_factory=MergeReadinessSpec)
     merge: MergeSpec = Field(default_factory=MergeSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
@@ -421,6 +446,12 @@ class CoPDRunSpec(_Model):
             unknown = sorted(set(self.merge.weights) - set(names))
             if unknown:
                 raise ValueError(f"merge.weights: {unknown} are not branches (branches: {names})")
+        if self.rollout.engine == RolloutEngine.VLLM:
+            if self.rl.temperature != 1.0:
+                raise ValueError(f"rollout.engine: vllm needs rl.temperature 1 (got {self.rl.temperature}): "
+                                 "vLLM's prompt log-probs, which score the teachers' tokens, are at temperature 1")
+            if self.base_model.kind == "vlm":
+                raise ValueError("rollout.engine: vllm serves text models only (baseModel.kind is vlm); use hf")
         if self.merge_readiness.min_cycles is not None and self.merge_readiness.min_cycles > self.schedule.cycles:
             raise ValueError(
                 f"mergeReadiness.minCycles: {self.merge_readiness.min_cycles} exceeds schedule.cycles "

@@ -67,6 +67,28 @@ def _preflight(spec, storage: Path, report_file: Path | None = None, branches: l
     raise typer.Exit(2)
 
 
+def _engine_check(spec, report_file: Path | None) -> None:
+    """`rollout.engine: vllm` where vLLM cannot run (not installed, no CUDA GPU): one line naming the
+    field, exit 2 and an InvalidInput report, so the operator fails the run with the reason instead
+    of retrying a pod that cannot get further."""
+    if spec.rollout.engine != "vllm":
+        return
+    from copd_runtime.vllm_engine import unavailable
+
+    reason = unavailable()
+    if reason:
+        _engine_failed(reason, report_file)
+
+
+def _engine_failed(reason: str, report_file: Path | None) -> None:
+    msg = f"spec.rollout.engine: vllm: {reason}"
+    if report_file is not None:
+        _report({"failed": True, "reason": "InvalidInput", "field": "spec.rollout.engine", "message": msg},
+                report_file, quiet=True)
+    typer.secho(f"invalid input: {msg}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
 def _torch_threads() -> None:
     """Intra-op threads for torch (COPD_TORCH_THREADS, default 1). On GPU they barely matter;
     on a shared CPU, small models run several times faster on one thread than on two that
@@ -111,6 +133,9 @@ def run(
 
     m = _manifest(manifest)
     _preflight(m.spec, output.resolve())
+    if m.spec.rollout.engine == "vllm":  # one process running every branch in turn: engines would pile up
+        _engine_failed("`copd run` (one machine) samples with the hf engine; the vllm engine runs in the "
+                       "operator's pods (`copd stage`, `copd hub`)", None)
     _torch_threads()
     from copd_core.metrics import CoPDMetrics
     from copd_runtime.local.progress import Progress
@@ -210,6 +235,7 @@ def stage(
         _report({"failed": True, "message": f"unknown branch {branch!r}"}, report_file)
         raise typer.Exit(2)
     _preflight(m.spec, storage, report_file, [branch])
+    _engine_check(m.spec, report_file)
     st = Stage(stage)
     hub = None
     if st == Stage.OPD:
@@ -237,12 +263,15 @@ def stage(
     except Exception as e:
         from copd_runtime.checkpoint import no_space
         from copd_runtime.hub import HubRefused
+        from copd_runtime.vllm_engine import EngineUnavailable
 
         if isinstance(e, HubRefused) and e.reason == "InvalidInput":  # the hub refused this run's input
             _report({"branch": branch, "cycle": cycle, "stage": stage, "failed": True, "reason": "InvalidInput",
                      "field": "hub", "message": str(e)[:1000]}, report_file, quiet=True)
             typer.secho(f"invalid input: {e}", fg="red", err=True)
             raise typer.Exit(2) from None
+        if isinstance(e, EngineUnavailable):  # vllm failed to import or is another version
+            _engine_failed(str(e), report_file)
         if no_space(e):  # retrying fills the same volume again: a reason, and an exit code that fails the Job
             _report({"branch": branch, "cycle": cycle, "stage": stage, "failed": True, "reason": "StorageFull",
                      "message": str(e)[:1000]}, report_file, quiet=True)
@@ -282,14 +311,21 @@ def hub(
 
     m = _manifest(manifest)
     _preflight(m.spec, storage, report_file)
+    _engine_check(m.spec, report_file)
     _torch_threads()
     spec = m.spec
     snaps = {b.name: stage_start_model(spec, storage, b.name, cycle, "OPD") for b in spec.branches}
     from copd_runtime.models.device import placement
+    from copd_runtime.vllm_engine import MAX_LOGPROBS, EngineUnavailable
 
-    h = InProcessHub(snaps, spec.rl.temperature, spec.base_model.kind, placement(spec.trainer.precision))
-    for name in snaps:
-        h.teacher(name)
+    h = InProcessHub(snaps, spec.rl.temperature, spec.base_model.kind, placement(spec.trainer.precision),
+                     engine=spec.rollout.engine, memory_fraction=spec.rollout.gpu_memory_utilization,
+                     max_logprobs=max(MAX_LOGPROBS, spec.diagnostics.top_k))
+    try:
+        for name in snaps:
+            h.teacher(name)
+    except EngineUnavailable as e:
+        _engine_failed(str(e), report_file)
     roots = media_roots(spec, storage) + [Path(r) for r in media_root or []]
     server = make_server(h, host, port, media_roots=roots)  # listening from here on, teachers loaded: ready
     bound = server.server_address[1]

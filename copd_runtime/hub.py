@@ -6,7 +6,8 @@ log-prob of the sampled token and its top-k ids and log-probs, in batches
 (`rollout.teacher_scores`: hidden states at response positions only, the LM head a
 few positions at a time; zeros elsewhere in the [N, L, ...] tensors it returns).
 
-- `InProcessHub`: used by `copd run` on one machine.
+- `InProcessHub`: used by `copd run` on one machine. With `rollout.engine: vllm` (`copd hub` only)
+  each teacher is a vLLM engine scoring through prompt log-probs (`vllm_engine.TeacherEngine`).
 - `BatchingScorer`: what the HTTP hub scores through. Concurrent requests (trainers of
   several students) wait in one queue; a single worker takes every waiting request for
   the same teacher (and k, query width) up to `max_batch_tokens` padded tokens, pads
@@ -61,12 +62,20 @@ VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_g
 
 
 class InProcessHub:
+    """The teachers of one OPD phase, loaded on first use. `engine` "vllm": each teacher is a vLLM
+    engine (`vllm_engine.TeacherEngine`, `memory_fraction` of the GPU shared among them) scoring
+    through prompt log-probs, at temperature 1 only (the spec's rule); "hf": a transformers model."""
+
     def __init__(self, teacher_dirs: dict[str, Path], temperature: float, kind: str = "auto",
-                 placement: Placement = CPU_FP32):
+                 placement: Placement = CPU_FP32, engine: str = "hf", memory_fraction: float = 0.3,
+                 max_logprobs: int = 20):
         self.teacher_dirs = {k: Path(v) for k, v in teacher_dirs.items()}
         self.temperature = temperature
         self.kind = kind
         self.placement = placement
+        self.engine, self.memory_fraction, self.max_logprobs = engine, memory_fraction, max_logprobs
+        if engine == "vllm" and temperature != 1.0:
+            raise ValueError(f"rollout.engine vllm scores at temperature 1, not {temperature}")
         self._teachers: dict[str, Policy] = {}
         self._lock = threading.Lock()
         self.requests = 0
@@ -77,16 +86,26 @@ class InProcessHub:
             if name not in self._teachers:
                 if name not in self.teacher_dirs:
                     raise KeyError(f"hub has no teacher {name!r} (has {sorted(self.teacher_dirs)})")
-                p = load_policy(self.teacher_dirs[name], self.kind, self.placement)
-                p.model.requires_grad_(False)
-                self._teachers[name] = p
+                if self.engine == "vllm":
+                    from copd_runtime.vllm_engine import TeacherEngine
+
+                    self._teachers[name] = TeacherEngine(self.teacher_dirs[name], self.placement,
+                                                         self.memory_fraction / len(self.teacher_dirs),
+                                                         self.max_logprobs)
+                else:
+                    p = load_policy(self.teacher_dirs[name], self.kind, self.placement)
+                    p.model.requires_grad_(False)
+                    self._teachers[name] = p
             return self._teachers[name]
 
     def score(self, teacher: str, rollout: Rollout, k: int, query_ids: torch.Tensor | None = None):
         policy = self.teacher(teacher)
         self.requests += 1
         self.tokens += int(rollout.response_mask.sum())
-        out = teacher_scores(policy, rollout, self.temperature, k, query_ids)
+        if self.engine == "vllm":
+            out = policy.score(rollout, k, query_ids)
+        else:
+            out = teacher_scores(policy, rollout, self.temperature, k, query_ids)
         return {n: v.to(rollout.device) for n, v in out.items()}
 
 

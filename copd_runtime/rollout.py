@@ -259,10 +259,22 @@ def sample(
 ) -> Rollout:
     """Sample one response per example (repeat examples for a group). Uses the global torch RNG.
 
-    With `logprobs`, π_old is `response_logprobs` on the whole batch (at temperature 1
-    when greedy); without, `old_logprobs` is zeros (evaluation, or a caller that scores
-    the rows itself, as OPD does per teacher)."""
+    Through `policy.generator` when it has one (the vLLM engine, `spec.rollout.engine: vllm`),
+    else transformers' `generate`. With `logprobs`, π_old is `response_logprobs` on the whole
+    batch (at temperature 1 when greedy) whatever sampled it; without, `old_logprobs` is zeros
+    (evaluation, or a caller that scores the rows itself, as OPD does per teacher)."""
     policy.model.eval()
+    if policy.generator is not None:
+        r = policy.generator.sample(policy, examples, max_new_tokens, temperature, greedy)
+    else:
+        r = _generate(policy, examples, max_new_tokens, temperature, greedy)
+    if logprobs:
+        r.old_logprobs = response_logprobs(policy, r, 1.0 if greedy else temperature)
+    return r
+
+
+def _generate(policy: Policy, examples: list[Example], max_new_tokens: int, temperature: float, greedy: bool
+              ) -> Rollout:
     enc = encode_prompts(policy, examples)
     prompt_ids, prompt_mask = enc.pop("input_ids"), enc.pop("attention_mask")
     gen_kwargs = dict(enc)
@@ -283,10 +295,15 @@ def sample(
         synced_gpus=_partitioned(policy.model) and torch.distributed.is_initialized()
         and torch.distributed.get_world_size() > 1,
     )
-    P = prompt_ids.shape[1]
-    gen = out[:, P:]
+    return assemble_rollout(policy, examples, prompt_ids, prompt_mask, out[:, prompt_ids.shape[1]:], enc)
+
+
+def assemble_rollout(policy: Policy, examples: list[Example], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                     gen: torch.Tensor, vision: dict[str, torch.Tensor]) -> Rollout:
+    """The rollout of left-padded prompts [N, P] and what was generated after them [N, R]: each
+    response is its tokens up to and including the first EOS (anything after it is padding);
+    one without EOS is truncated. `old_logprobs` is zeros."""
     N, R = gen.shape
-    # response tokens: up to and including the first EOS
     is_eos = gen == policy.eos_id
     first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full((N,), R, device=gen.device))
     steps = torch.arange(R, device=gen.device).unsqueeze(0)
@@ -298,11 +315,8 @@ def sample(
     response_mask = torch.cat([torch.zeros_like(prompt_mask), resp_mask], 1).float()
     texts = policy.tokenizer.batch_decode(gen * resp_mask + policy.pad_id * (1 - resp_mask),
                                           skip_special_tokens=True)
-    r = Rollout(examples, input_ids, attention_mask, response_mask, torch.zeros_like(response_mask), truncated,
-                texts, enc)
-    if logprobs:
-        r.old_logprobs = response_logprobs(policy, r, 1.0 if greedy else temperature)
-    return r
+    return Rollout(examples, input_ids, attention_mask, response_mask, torch.zeros_like(response_mask), truncated,
+                   texts, vision)
 
 
 @torch.no_grad()

@@ -56,6 +56,25 @@ fi
 echo "[setup] syncing .venv from uv.lock (first time: downloads torch, a few GB)" >&2
 flock "$ROOT/.setup.lock" "$UV" sync --frozen --extra dev --python "$PY" --quiet
 
+# -- 2b. vLLM's Python classes for tests/model/test_vllm_conversion.py ----------------
+# vllm 0.33.0 (wheel 336 MB, 813 MB unpacked; hard-linked from uv's cache, so a second clone costs
+# seconds and no disk) and the ten small packages its output classes import, with no dependencies, at
+# the pins of uv.lock's `gpu` fork, into ./.vllm-classes (never on the venv's path: the test appends
+# it). Only the CPU-side classes are used; vLLM itself needs CUDA. Skip with COPD_SKIP_VLLM_CLASSES=1.
+if [[ "${COPD_SKIP_VLLM_CLASSES:-0}" != 1 ]]; then
+  want="$("$UV" export --frozen --extra gpu --no-emit-project --no-hashes --no-header --no-annotate --quiet \
+    | sed 's/ *;.*//' | grep -E '^(vllm|msgspec|cbor2|pyzmq|oss-harmony|openai|sniffio|pybase64|cachetools|cloudpickle|uvloop)==' \
+    | sort)"
+  if [[ ! -f .vllm-classes/PINS || "$(cat .vllm-classes/PINS)" != "$want" ]]; then
+    echo "[setup] installing vLLM's Python classes into .vllm-classes (first time: a 336 MB download)" >&2
+    rm -rf .vllm-classes.tmp
+    # shellcheck disable=SC2086  # one requirement per word
+    "$UV" pip install --quiet --no-deps --python .venv/bin/python --target .vllm-classes.tmp $want
+    echo "$want" > .vllm-classes.tmp/PINS
+    rm -rf .vllm-classes && mv .vllm-classes.tmp .vllm-classes
+  fi
+fi
+
 # -- 3. the Kubernetes test binaries --------------------------------------------------
 if [[ "${COPD_SKIP_CLUSTER_BUILD:-0}" != 1 ]]; then
   echo "[setup] building the Kubernetes test binaries (cold: ~10-40 min on 2 cores; cached after)" >&2

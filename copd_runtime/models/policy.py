@@ -29,6 +29,9 @@ class Policy:
     model: PreTrainedModel
     tokenizer: object  # a PreTrainedTokenizerBase
     processor: object | None = None  # VLMs only
+    # What samples this policy's rollouts instead of transformers' `generate`: an object with
+    # `sample(policy, examples, max_new_tokens, temperature, greedy) -> Rollout` (the vLLM engine).
+    generator: object | None = None
 
     @property
     def is_vlm(self) -> bool:

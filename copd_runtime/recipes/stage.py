@@ -19,7 +19,7 @@ import torch
 
 from copd_core.cycle import Stage, steps_of
 from copd_core.seeding import step_seed
-from copd_core.spec import CoPDRunSpec
+from copd_core.spec import CoPDRunSpec, RolloutEngine
 from copd_runtime.checkpoint import (
     Counters,
     fit_warning_for,
@@ -105,6 +105,12 @@ def run_branch_stage(
     place = place or placement(spec.trainer.precision)
     distributed.init(place)  # under torchrun: join the other ranks (a no-op in one process)
     policy = load_policy(start_dir, spec.base_model.kind, place)
+    if spec.rollout.engine == RolloutEngine.VLLM:  # sampling through a vLLM engine on this process's GPU
+        from copd_runtime.vllm_engine import MAX_LOGPROBS, ColocatedEngine
+
+        policy.generator = ColocatedEngine(start_dir, place, spec.rollout.gpu_memory_utilization,
+                                           seed=spec.seed + place.rank,
+                                           max_logprobs=max(MAX_LOGPROBS, spec.diagnostics.top_k))
     if distributed.world_size() > 1:
         optimizer = ZeroOptimizer(policy.model, spec.rl.learning_rate, spec.trainer.zero_stage,
                                   bf16=place.dtype == torch.bfloat16)

@@ -60,6 +60,17 @@ RUN_SPEC_RULES: dict[tuple[str, ...], list[dict]] = {
                     "|| self.merge.weights.all(k, self.branches.exists(b, b.name == k))",
             "message": "merge.weights: every key must be a branch name", "fieldPath": ".merge.weights",
         },
+        {   # rollout.engine vllm: temperature 1 (vLLM's prompt log-probs are at temperature 1)
+            "rule": "!has(self.rollout) || !has(self.rollout.engine) || self.rollout.engine != 'vllm' "
+                    "|| !has(self.rl) || !has(self.rl.temperature) || self.rl.temperature == 1.0",
+            "message": "rollout.engine: vllm needs rl.temperature 1", "fieldPath": ".rollout.engine",
+        },
+        {   # rollout.engine vllm: text models only
+            "rule": "!has(self.rollout) || !has(self.rollout.engine) || self.rollout.engine != 'vllm' "
+                    "|| !has(self.baseModel.kind) || self.baseModel.kind != 'vlm'",
+            "message": "rollout.engine: vllm serves text models only (baseModel.kind vlm)",
+            "fieldPath": ".rollout.engine",
+        },
         {   # readiness cannot start after the last cycle
             "rule": "!has(self.mergeReadiness) || !has(self.mergeReadiness.minCycles) "
                     "|| self.mergeReadiness.minCycles <= (has(self.schedule) && has(self.schedule.cycles) "

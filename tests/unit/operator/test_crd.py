@@ -83,6 +83,10 @@ BAD = {
     "two dataset sources": (lambda s: s["branches"][0]["dataset"].update(path="x.jsonl"), "dataset"),
     "no steps": (lambda s: s["schedule"].update(rlStepsPerCycle=0, opdStepsPerCycle=0), "schedule"),
     "bad scheme": (lambda s: s["baseModel"].update(uri="hf://Qwen/x"), "baseModel.uri"),
+    "vllm at temperature 0.7": (lambda s: (s.setdefault("rollout", {}).update(engine="vllm"),
+                                           s.setdefault("rl", {}).update(temperature=0.7)), "rollout.engine"),
+    "vllm with a VLM": (lambda s: (s.setdefault("rollout", {}).update(engine="vllm"),
+                                   s["baseModel"].update(kind="vlm")), "rollout.engine"),
 }
 
 
