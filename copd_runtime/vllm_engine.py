@@ -280,6 +280,8 @@ class TeacherEngine:
     """One frozen teacher of the hub, scoring through vLLM's prompt log-probs (`scoring_requests`).
     The log-probs of given ids (`prompt_logprob_token_ids`) need vLLM's V2 model runner."""
 
+    is_vlm = False  # text models only: the hub refuses a request with media for it
+
     def __init__(self, model_dir: Path, place: Placement, memory_fraction: float,
                  max_logprobs: int = MAX_LOGPROBS):
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
