@@ -210,7 +210,7 @@ class RolloutSpec(_Model):
         "engine colocated with each trainer process on its GPU (asleep while the trainer updates, the new "
         "weights loaded into it before each rollout) and one per teacher in the hub, which scores through "
         "vLLM's prompt log-probs. Needs a CUDA GPU and the image built with the `gpu` extra; text models "
-        "only, and rl.temperature 1 (vLLM's prompt log-probs are at temperature 1). The trainer's update "
+        "only, rl.temperature 1 (vLLM's prompt log-probs are at temperature 1) and trainer.zeroStage 2. The trainer's update "
         "and π_old are the trainer's own forward either way.",
     )
     gpu_memory_utilization: float = Field(
@@ -452,6 +452,9 @@ class CoPDRunSpec(_Model):
                                  "vLLM's prompt log-probs, which score the teachers' tokens, are at temperature 1")
             if self.base_model.kind == "vlm":
                 raise ValueError("rollout.engine: vllm serves text models only (baseModel.kind is vlm); use hf")
+            if self.trainer.zero_stage == 3:
+                raise ValueError("rollout.engine: vllm needs trainer.zeroStage 2 (each trainer process loads "
+                                 "the whole model into its vLLM engine; ZeRO-3 partitions it)")
         if self.merge_readiness.min_cycles is not None and self.merge_readiness.min_cycles > self.schedule.cycles:
             raise ValueError(
                 f"mergeReadiness.minCycles: {self.merge_readiness.min_cycles} exceeds schedule.cycles "

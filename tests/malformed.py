@@ -66,6 +66,8 @@ MALFORMED: dict[str, tuple[Callable[[Doc], None], str]] = {
     "bad scheme": (put("spec.baseModel.uri", "hf://Qwen/x"), "baseModel.uri"),
     "vllm at temperature 0.7": (lambda d: (put("spec.rollout.engine", "vllm")(d), put("spec.rl.temperature", 0.7)(d)),
                                 "rollout.engine: vllm needs rl.temperature 1"),
+    "vllm with ZeRO-3": (lambda d: (put("spec.rollout.engine", "vllm")(d), put("spec.trainer.zeroStage", 3)(d)),
+                         "rollout.engine: vllm needs trainer.zeroStage 2"),
     "vllm with a VLM": (lambda d: (put("spec.rollout.engine", "vllm")(d), put("spec.baseModel.kind", "vlm")(d)),
                         "rollout.engine: vllm serves text models only"),
     # required fields and types

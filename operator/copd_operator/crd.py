@@ -71,6 +71,11 @@ RUN_SPEC_RULES: dict[tuple[str, ...], list[dict]] = {
             "message": "rollout.engine: vllm serves text models only (baseModel.kind vlm)",
             "fieldPath": ".rollout.engine",
         },
+        {   # rollout.engine vllm: whole weights in every trainer process
+            "rule": "!has(self.rollout) || !has(self.rollout.engine) || self.rollout.engine != 'vllm' "
+                    "|| !has(self.trainer) || !has(self.trainer.zeroStage) || self.trainer.zeroStage != 3",
+            "message": "rollout.engine: vllm needs trainer.zeroStage 2", "fieldPath": ".rollout.engine",
+        },
         {   # readiness cannot start after the last cycle
             "rule": "!has(self.mergeReadiness) || !has(self.mergeReadiness.minCycles) "
                     "|| self.mergeReadiness.minCycles <= (has(self.schedule) && has(self.schedule.cycles) "

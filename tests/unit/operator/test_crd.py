@@ -85,6 +85,8 @@ BAD = {
     "bad scheme": (lambda s: s["baseModel"].update(uri="hf://Qwen/x"), "baseModel.uri"),
     "vllm at temperature 0.7": (lambda s: (s.setdefault("rollout", {}).update(engine="vllm"),
                                            s.setdefault("rl", {}).update(temperature=0.7)), "rollout.engine"),
+    "vllm with ZeRO-3": (lambda s: (s.setdefault("rollout", {}).update(engine="vllm"),
+                                    s.setdefault("trainer", {}).update(zeroStage=3)), "rollout.engine"),
     "vllm with a VLM": (lambda s: (s.setdefault("rollout", {}).update(engine="vllm"),
                                    s["baseModel"].update(kind="vlm")), "rollout.engine"),
 }
