@@ -51,6 +51,27 @@ class Policy:
         return int(self.eos_id if pad is None else pad)
 
 
+def activation_checkpointing(model: PreTrainedModel) -> bool:
+    """Whether the model recomputes its layers' activations in backward. transformers 5.23 calls it
+    activation checkpointing; 5.20 (the `gpu` extra's pin, vllm's) gradient checkpointing."""
+    if hasattr(model, "is_activation_checkpointing"):
+        return model.is_activation_checkpointing
+    return model.is_gradient_checkpointing
+
+
+def set_activation_checkpointing(model: PreTrainedModel, on: bool) -> None:
+    """Turn it on (non-reentrant `torch.utils.checkpoint`) or off, with either transformers' names."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def _is_vlm_config(cfg) -> bool:
     return getattr(cfg, "vision_config", None) is not None
 

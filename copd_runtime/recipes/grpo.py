@@ -37,7 +37,7 @@ from copd_runtime.data.rewards import score
 from copd_runtime.maths.losses import clipped_pg_loss, group_advantages_P_G, reference_kl_B_T
 from copd_runtime.models import distributed
 from copd_runtime.models.optim import clip_grad_norm
-from copd_runtime.models.policy import Policy
+from copd_runtime.models.policy import Policy, activation_checkpointing, set_activation_checkpointing
 from copd_runtime.rollout import Rollout, response_logprobs, sample
 
 RewardFn = Callable[[str, Example], float]
@@ -84,9 +84,9 @@ def policy_update(
         stats["skipped"] = 1.0
         return stats
     model = policy.model
-    checkpointing = rl.gradient_checkpointing and not model.is_activation_checkpointing
+    checkpointing = rl.gradient_checkpointing and not activation_checkpointing(model)
     if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     model.train()
     n = len(rollout)
     order = list(range(n))
@@ -132,7 +132,7 @@ def policy_update(
                 stats[k] = float(distributed.all_sum(stats[k]))
     finally:
         if checkpointing:
-            model.activation_checkpointing_disable()
+            set_activation_checkpointing(model, False)
         model.eval()
     return stats
 

@@ -13,7 +13,7 @@ from copd_runtime.data.examples import Dataset
 from copd_runtime.hub import InProcessHub
 from copd_runtime.maths.diagnostics import masked_mean, symmetric_kl_B_T, topk_overlap_B_T
 from copd_runtime.maths.losses import group_advantages_P_G, token_logprobs_B_T
-from copd_runtime.models.policy import load_policy
+from copd_runtime.models.policy import activation_checkpointing, load_policy
 from copd_runtime.recipes.diagnose import measure_direction
 from copd_runtime.recipes.grpo import policy_update
 from copd_runtime.recipes.opd import opd_step
@@ -89,7 +89,7 @@ def test_micro_batch_accumulation_and_checkpointing_equal_one_pass(tiny_dirs, ro
             assert torch.allclose(a, b, atol=1e-6), extra
         for key in ("loss", "clip_frac", "ratio_mean"):
             assert stats[key] == pytest.approx(one_stats[key], rel=1e-5, abs=1e-7), (extra, key)
-        assert not pol.model.is_activation_checkpointing and not pol.model.training  # left as found
+        assert not activation_checkpointing(pol.model) and not pol.model.training  # left as found
 
 
 def test_identical_weights_give_exactly_zero_opd_gap(tiny_dirs):
