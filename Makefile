@@ -47,6 +47,7 @@ builtin-models:   ## rebuild the shipped builtin base models + their SHA256SUMS.
 
 compare:          ## the science comparison (docs/science.md; ~15-30 min on 2 cores)
 	.venv/bin/python -m experiments.compare examples/compare.yaml --output runs/compare --jobs 2
+	.venv/bin/python -m experiments.compare examples/compare-conflicting.yaml --output runs/compare/conflicting --jobs 2
 
 observe-demo:     ## Prometheus + Alertmanager fire CoPDTopKOverlapCollapse for a diverging run (README "Observe")
 	scripts/observe-demo.sh

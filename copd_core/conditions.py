@@ -51,6 +51,7 @@ R_CREATE_REJECTED = "CreateRejected"  # a create refused as invalid (422) or for
 R_API_ERROR = "ApiError"  # any other API error
 R_INTERNAL_ERROR = "InternalError"  # an exception inside the operator
 R_RECONCILED = "Reconciled"  # the error cleared
+R_CONSOLIDATION = "ConsolidationPlanned"  # schedule.mode adaptive: which directions distil next cycle
 
 
 class _Status(BaseModel):

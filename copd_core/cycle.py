@@ -43,6 +43,7 @@ from copd_core.conditions import (
     R_BRANCH_FAILED,
     R_BRANCH_RESTARTED,
     R_CHECKPOINTS_MAY_NOT_FIT,
+    R_CONSOLIDATION,
     R_DIAGNOSE_FAILED,
     R_DIAGNOSE_RESTARTED,
     R_INVALID_INPUT,
@@ -64,6 +65,14 @@ from copd_core.conditions import (
     condition,
     iso,
     set_condition,
+)
+from copd_core.consolidation import (
+    DirectionPhase,
+    adaptive,
+    alignment_of,
+    initial_phases,
+    next_phases,
+    stage_work,
 )
 from copd_core.readiness import DirectionDiagnostic, merge_readiness
 from copd_core.spec import CoPDRunSpec, NotReadyPolicy
@@ -108,6 +117,8 @@ class DiagnosticStatus(_Status):
     teacher: str
     topk_overlap: float
     symmetric_kl: float
+    mass_overlap: float | None = Field(None, description="Σ min(p, q) over the union of both top-k sets: the "
+                                       "alignment schedule.mode adaptive decides on.")
 
 
 class QueueStatus(_Status):
@@ -140,6 +151,9 @@ class RunStatus(_Status):
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int = 0
     queue: QueueStatus | None = Field(None, description="Kueue admission of the current stage (queued runs only).")
+    consolidation: list[DirectionPhase] = Field(
+        default_factory=list, description="schedule.mode adaptive: each direction's state for the current cycle "
+        "(distilling or resting, since how many cycles, the alignment it was decided on).")
 
     def to_k8s(self) -> dict:
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
@@ -236,18 +250,26 @@ Action = RunBranchStage | RunDiagnose | RunMerge | StopWork | Event
 # Pure helpers
 
 
-def stages_of(spec: CoPDRunSpec) -> list[Stage]:
+def stages_of(spec: CoPDRunSpec, status: RunStatus | None = None) -> list[Stage]:
+    """The stages of the current cycle: RL and OPD when some branch has steps in them, then Diagnose.
+    Mode adaptive reads the cycle's plan from `status.consolidation`."""
+    phases = status.consolidation if status is not None else initial_phases(spec)
     s = []
-    if spec.schedule.rl_steps_per_cycle > 0:
-        s.append(Stage.RL)
-    if spec.schedule.opd_steps_per_cycle > 0:
-        s.append(Stage.OPD)
+    for st in (Stage.RL, Stage.OPD):
+        if any(stage_work(spec, phases, b.name, st.value).steps > 0 for b in spec.branches):
+            s.append(st)
     s.append(Stage.DIAGNOSE)
     return s
 
 
-def steps_of(spec: CoPDRunSpec, stage: Stage) -> int:
-    return {Stage.RL: spec.schedule.rl_steps_per_cycle, Stage.OPD: spec.schedule.opd_steps_per_cycle}.get(stage, 0)
+def steps_of(spec: CoPDRunSpec, stage: Stage, status: RunStatus | None = None, branch: str | None = None) -> int:
+    """Steps of `branch` in `stage` this cycle (`consolidation.stage_work`); without a branch or a
+    status, the schedule's per-cycle count."""
+    if stage not in (Stage.RL, Stage.OPD):
+        return 0
+    if status is None or branch is None:
+        return {Stage.RL: spec.schedule.rl_steps_per_cycle, Stage.OPD: spec.schedule.opd_steps_per_cycle}[stage]
+    return stage_work(spec, status.consolidation, branch, stage.value).steps
 
 
 def phase_label(status: RunStatus) -> str:
@@ -304,7 +326,10 @@ class _Decision:
         self.move_to(Phase.RUNNING, stage, R_STAGE_STARTED, f"cycle {cycle}: {stage.value}")
         if stage != Stage.DIAGNOSE:
             for name in self.s.branches:
-                self.s.branches[name] = BranchStatus(cycle=cycle, stage=stage.value)
+                idle = stage_work(self.spec, self.s.consolidation, name, stage.value).steps == 0
+                # a branch with no steps in this stage (mode adaptive) is done at once: the barrier waits for the others
+                self.s.branches[name] = BranchStatus(cycle=cycle, stage=stage.value, done=idle,
+                                                     message="no steps this cycle" if idle else "")
         self.ask_for_stage_work()
 
     def ask_for_stage_work(self) -> None:
@@ -372,7 +397,7 @@ class _Decision:
         remaining one after it in RL -> OPD -> Diagnose order, never an error."""
         canonical = list(Stage)
         here = canonical.index(self.s.stage)
-        return next(st for st in stages_of(self.spec) if canonical.index(st) > here)
+        return next(st for st in stages_of(self.spec, self.s) if canonical.index(st) > here)
 
 
 def fail_run(
@@ -446,7 +471,8 @@ def decide(
         d.cond(COND_READY, True, R_STARTED, "run accepted")
         d.cond(COND_PROGRESSING, True, R_STARTED, "training")
         d.cond(COND_MERGE_READY, False, "NotMeasured", "no diagnostics yet")
-        d.start_stage(1, stages_of(spec)[0])
+        s.consolidation = initial_phases(spec)
+        d.start_stage(1, stages_of(spec, s)[0])
         return s, d.actions
 
     # -- Running ----------------------------------------------------------------
@@ -539,7 +565,9 @@ def _decide_diagnose(d: _Decision, observed: Observed) -> None:
         d.move_to(Phase.MERGING, None, R_MERGING, f"branches aligned after cycle {s.cycle}: {message}")
         d.actions.append(RunMerge(ready=True))
     elif s.cycle < spec.schedule.cycles:
-        d.start_stage(s.cycle + 1, stages_of(spec)[0])
+        if adaptive(spec):
+            _plan_next_cycle(d, rep)
+        d.start_stage(s.cycle + 1, stages_of(spec, s)[0])
     elif spec.merge.when_not_ready == NotReadyPolicy.MERGE:
         d.move_to(Phase.MERGING, None, R_MERGE_WITHOUT_READINESS,
                   f"last cycle ended without readiness ({message}); merging as merge.whenNotReady=merge",
@@ -547,3 +575,15 @@ def _decide_diagnose(d: _Decision, observed: Observed) -> None:
         d.actions.append(RunMerge(ready=False))
     else:
         d.fail(R_NOT_ALIGNED, f"last cycle ended without readiness ({message}); merge.whenNotReady=fail")
+
+
+def _plan_next_cycle(d: _Decision, rep: DiagnoseReport) -> None:
+    """Mode adaptive: each direction's state for the next cycle from this cycle's alignments
+    (`consolidation.next_phases`), reported as one event."""
+    s = d.s
+    before = s.consolidation or initial_phases(d.spec)
+    s.consolidation = next_phases(d.spec.schedule.adaptive, before, alignment_of(rep.diagnostics))
+    on = [f"{p.student}<-{p.teacher}" for p in s.consolidation if p.distilling]
+    off = [f"{p.student}<-{p.teacher} ({p.reason})" for p in s.consolidation if not p.distilling]
+    d.actions.append(Event("Normal", R_CONSOLIDATION,
+                           f"cycle {s.cycle + 1}: distilling {', '.join(on) or 'none'}; resting {', '.join(off) or 'none'}"))

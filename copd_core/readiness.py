@@ -12,15 +12,19 @@ class DirectionDiagnostic:
     teacher: str
     topk_overlap: float
     symmetric_kl: float
+    mass_overlap: float | None = None  # Σ min(p, q) on the union of both top-k sets (adaptive schedule)
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "cycle": self.cycle,
             "student": self.student,
             "teacher": self.teacher,
             "topk_overlap": self.topk_overlap,
             "symmetric_kl": self.symmetric_kl,
         }
+        if self.mass_overlap is not None:
+            out["mass_overlap"] = self.mass_overlap
+        return out
 
 
 REASON_READY = "AlignedForMerge"

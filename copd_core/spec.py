@@ -121,15 +121,59 @@ class BranchSpec(_Model):
 # Algorithm
 
 
+class ScheduleMode(StrEnum):
+    FIXED = "fixed"
+    ADAPTIVE = "adaptive"
+
+
+class AdaptiveSpec(_Model):
+    """Adaptive consolidation (schedule.mode: adaptive). Per direction (student ← teacher), its alignment
+    is the mass overlap Σ_v min(p_v, q_v) over the union of both top-k sets, measured by each cycle's
+    Diagnose stage. A direction starts distilling (cycle 1: every direction) when its alignment falls
+    below `lowerAlignment` and stops when it rises above `upperAlignment` (between them it keeps its
+    state: hysteresis); a distillation phase lasts at least `minPhaseCycles` and at most
+    `maxPhaseCycles` cycles (then it rests at least one cycle). A branch with no direction distilling
+    in a cycle spends that cycle's OPD steps on RL, so every branch spends exactly
+    rlStepsPerCycle + opdStepsPerCycle updates per cycle, as in the fixed schedule."""
+
+    lower_alignment: float = Field(
+        0.93, ge=0.0, le=1.0, description="A resting direction starts distilling when its alignment falls below this.")
+    upper_alignment: float = Field(
+        0.95, ge=0.0, le=1.0, description="A distilling direction stops when its alignment rises above this.")
+    min_phase_cycles: int = Field(1, ge=1, le=1000, description="Fewest cycles a distillation phase lasts.")
+    max_phase_cycles: int | None = Field(
+        None, ge=1, le=1000, description="Most cycles a distillation phase lasts (then the direction rests at least "
+        "one cycle). Default: no limit.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AdaptiveSpec:
+        if self.lower_alignment > self.upper_alignment:
+            raise ValueError(f"lowerAlignment ({self.lower_alignment}) exceeds upperAlignment "
+                             f"({self.upper_alignment})")
+        if self.max_phase_cycles is not None and self.max_phase_cycles < self.min_phase_cycles:
+            raise ValueError(f"maxPhaseCycles ({self.max_phase_cycles}) is below minPhaseCycles "
+                             f"({self.min_phase_cycles})")
+        return self
+
+
 class ScheduleSpec(_Model):
     cycles: int = Field(4, ge=1, le=1000, description="Number of RL→OPD cycles.")
     rl_steps_per_cycle: int = Field(6, ge=0, le=100_000, description="S_RL: GRPO steps per branch per cycle.")
     opd_steps_per_cycle: int = Field(4, ge=0, le=100_000, description="S_OPD: mutual-OPD steps per cycle.")
+    mode: ScheduleMode = Field(
+        ScheduleMode.FIXED,
+        description="fixed: every branch distils from every teacher for opdStepsPerCycle steps each cycle; "
+        "adaptive: each direction distils only while its measured alignment asks for it (schedule.adaptive), "
+        "at the same number of updates per branch and cycle.",
+    )
+    adaptive: AdaptiveSpec = Field(default_factory=AdaptiveSpec, description="Thresholds of mode: adaptive.")
 
     @model_validator(mode="after")
     def _some_work(self) -> ScheduleSpec:
         if self.rl_steps_per_cycle + self.opd_steps_per_cycle == 0:
             raise ValueError("rlStepsPerCycle and opdStepsPerCycle cannot both be 0")
+        if self.mode == ScheduleMode.ADAPTIVE and self.opd_steps_per_cycle == 0:
+            raise ValueError("mode adaptive needs opdStepsPerCycle > 0 (it decides which directions use them)")
         return self
 
 

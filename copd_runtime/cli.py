@@ -218,6 +218,12 @@ def stage(
     progress_interval: Annotated[float, typer.Option(
         envvar="COPD_PROGRESS_INTERVAL_S", min=0.0,
         help="At most one live progress patch per this many seconds (plus the last step).")] = 5.0,
+    steps: Annotated[int | None, typer.Option(
+        min=0, help="Steps of this stage as the cycle decision planned them (schedule.mode adaptive); "
+                    "default the schedule's.")] = None,
+    teachers: Annotated[str | None, typer.Option(
+        help="OPD: comma-separated teachers this branch distils from this cycle (schedule.mode adaptive); "
+             "default every teacher of the topology.")] = None,
 ) -> None:
     """Run one RL or OPD stage of one branch (resuming from its newest checkpoint)."""
     import os
@@ -259,7 +265,8 @@ def stage(
 
     try:
         rep = run_branch_stage(m.spec, storage, branch, cycle, st, hub=hub, sink=sink, run_name=m.metadata.name,
-                               checkpoint_every=checkpoint_every)
+                               checkpoint_every=checkpoint_every, steps=steps,
+                               teachers=[t for t in teachers.split(",") if t] if teachers is not None else None)
     except Exception as e:
         from copd_runtime.checkpoint import no_space
         from copd_runtime.hub import HubRefused

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from copd_core.conditions import COND_MERGE_READY
+from copd_core.consolidation import stage_work
 from copd_core.cycle import (
     TERMINAL,
     BranchReport,
@@ -147,9 +148,11 @@ class LocalRun:
             elif isinstance(a, RunBranchStage):
                 if a.stage == Stage.OPD and hub is None:
                     hub = self._hub_for(a.cycle)
+                work = stage_work(self.spec, status.consolidation, a.branch, a.stage.value)  # the cycle's plan
                 rep = run_branch_stage(self.spec, self.out, a.branch, a.cycle, a.stage, hub=hub, sink=self._sink,
                                        run_name=self.name, checkpoint_every=self.checkpoint_every,
-                                       datasets=self.datasets)
+                                       datasets=self.datasets, steps=work.steps,
+                                       teachers=work.teachers if a.stage == Stage.OPD else None)
                 if rep.get("storage_warning"):
                     self._storage_warnings[a.branch] = rep["storage_warning"]
                 if rep.get("reward") is not None:
@@ -184,8 +187,9 @@ class LocalRun:
         self._diag_path(cycle).parent.mkdir(parents=True, exist_ok=True)
         _write_json(self._diag_path(cycle), [r.as_dict() for r in rows])
         for r in rows:
+            mass = f", mass overlap {r.mass_overlap:.3f}" if r.mass_overlap is not None else ""
             self.on_event(f"  cycle {cycle} {r.student}<-{r.teacher}: top-k overlap {r.topk_overlap:.3f}, "
-                          f"symmetric KL {r.symmetric_kl:.4f}")
+                          f"symmetric KL {r.symmetric_kl:.4f}{mass}")
 
     def _merge(self) -> None:
         from copd_runtime.model_uri import resolve_model_dir

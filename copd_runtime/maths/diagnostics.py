@@ -63,22 +63,38 @@ def mass_overlap_B_T(
 @torch.no_grad()
 def alignment_M(
     student: LMHead, student_hidden_M_H: torch.Tensor, teacher: LMHead, teacher_hidden_M_H: torch.Tensor,
-    temperature: float, k: int, rows: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    temperature: float, k: int, rows: int | None = None, with_mass_overlap: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Exact top-k overlap and exact symmetric KL (full vocabulary) at M visited states,
-    given both models' hidden states there; a few rows at a time, never [M, V] at once."""
+    given both models' hidden states there; a few rows at a time, never [M, V] at once.
+    `with_mass_overlap`: also Σ min(p, q) over the union of both top-k sets (`topk_union_mass_overlap_C`,
+    the quantity an OPD step logs as mass_overlap/<teacher>), as a third tensor."""
     rows = rows or chunk_rows(student.vocab, CHUNK_BYTES // 2)  # two distributions per chunk
     k = min(k, student.vocab)
-    overlap, skl = [], []
+    overlap, skl, mass = [], [], []
     for s in range(0, student_hidden_M_H.shape[0], rows):
         lp = torch.log_softmax(head_logits_C_V(student, student_hidden_M_H[s : s + rows], temperature), -1)
         lq = torch.log_softmax(head_logits_C_V(teacher, teacher_hidden_M_H[s : s + rows], temperature), -1)
-        overlap.append(topk_overlap_B_T(lp.topk(k, -1).indices, lq.topk(k, -1).indices))
+        s_top, t_top = lp.topk(k, -1).indices, lq.topk(k, -1).indices
+        overlap.append(topk_overlap_B_T(s_top, t_top))
         skl.append(symmetric_kl_B_T(lp, lq))
+        if with_mass_overlap:
+            mass.append(topk_union_mass_overlap_C(lp, lq, s_top, t_top))
         del lp, lq
     if not overlap:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat(overlap), torch.cat(skl)
+        return (torch.zeros(0),) * (3 if with_mass_overlap else 2)
+    out = (torch.cat(overlap), torch.cat(skl))
+    return out + (torch.cat(mass),) if with_mass_overlap else out
+
+
+def topk_union_mass_overlap_C(logp_C_V: torch.Tensor, logq_C_V: torch.Tensor, p_topk_C_K: torch.Tensor,
+                              q_topk_C_K: torch.Tensor) -> torch.Tensor:
+    """Σ_v min(p_v, q_v) over v in TopK(p) ∪ TopK(q), from full distributions: the same number
+    `mass_overlap_B_T` gives on that union when only top-k travels (the OPD step, via the hub)."""
+    union = torch.zeros_like(logp_C_V, dtype=torch.bool)
+    union.scatter_(-1, p_topk_C_K, True)
+    union.scatter_(-1, q_topk_C_K, True)
+    return (torch.minimum(logp_C_V, logq_C_V).exp() * union).sum(-1)
 
 
 def masked_mean(values_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> float:

@@ -33,17 +33,25 @@ MAX_LOADED = 2  # policies held in memory at once by `diagnose` (a direction nee
 
 
 @torch.no_grad()
-def measure_direction(student: Policy, teacher: Policy, probe, k: int, max_new_tokens: int, temperature: float,
-                      seed: int) -> tuple[float, float]:
+def measure_alignment(student: Policy, teacher: Policy, probe, k: int, max_new_tokens: int, temperature: float,
+                      seed: int) -> tuple[float, float, float]:
+    """(top-k overlap, symmetric KL, mass overlap on the top-k union), means over the visited states."""
     torch.manual_seed(seed)
     rollout = sample(student, probe, max_new_tokens, temperature, logprobs=False)
     teacher.model.eval()
-    overlap, skl = alignment_M(lm_head_of(student), response_hidden_M_H(student, rollout),
-                               lm_head_of(teacher), response_hidden_M_H(teacher, rollout.to(teacher.device)).to(
-                                   student.device), temperature, k)
+    overlap, skl, mass = alignment_M(
+        lm_head_of(student), response_hidden_M_H(student, rollout), lm_head_of(teacher),
+        response_hidden_M_H(teacher, rollout.to(teacher.device)).to(student.device), temperature, k,
+        with_mass_overlap=True)
     if overlap.numel() == 0:
-        return float("nan"), float("nan")
-    return float(overlap.mean()), float(skl.mean())
+        return float("nan"), float("nan"), float("nan")
+    return float(overlap.mean()), float(skl.mean()), float(mass.mean())
+
+
+def measure_direction(student: Policy, teacher: Policy, probe, k: int, max_new_tokens: int, temperature: float,
+                      seed: int) -> tuple[float, float]:
+    """(top-k overlap, symmetric KL): `measure_alignment` without the mass overlap."""
+    return measure_alignment(student, teacher, probe, k, max_new_tokens, temperature, seed)[:2]
 
 
 def diagnose(spec: CoPDRunSpec, model_dirs: dict[str, Path], datasets: dict[str, Dataset], cycle: int,
@@ -64,11 +72,11 @@ def diagnose(spec: CoPDRunSpec, model_dirs: dict[str, Path], datasets: dict[str,
     for student, teacher in spec.readiness_directions():
         probe = datasets[teacher].eval[: spec.diagnostics.probe_prompts]
         s = policy(student)
-        ov, kl = measure_direction(
+        ov, kl, mass = measure_alignment(
             s, policy(teacher), probe, spec.diagnostics.top_k, spec.rl.max_new_tokens,
             spec.rl.temperature, step_seed(spec.seed, "probe", student, teacher),
         )
-        out.append(DirectionDiagnostic(cycle, student, teacher, ov, kl))
+        out.append(DirectionDiagnostic(cycle, student, teacher, ov, kl, mass))
     return out
 
 
@@ -78,13 +86,15 @@ TERMINATION_MESSAGE_BUDGET = 3500  # bytes; Kubernetes keeps at most 4096 of a t
 def compact_report(cycle: int, rows: list[DirectionDiagnostic], budget: int = TERMINATION_MESSAGE_BUDGET) -> dict:
     """The diagnose result as the operator reads it from a termination message.
 
-    Rows are `[student, teacher, overlap, symmetric_kl]`. When every direction does
-    not fit (large meshes: K·(K−1) directions), only each student's lowest-overlap
-    and highest-KL directions are kept: the readiness test needs just the global
-    extremes, which are among them. The full list is always in the run's storage.
+    Rows are `[student, teacher, overlap, symmetric_kl, mass_overlap]` (the last when measured).
+    When every direction does not fit (large meshes: K·(K−1) directions), only each student's
+    lowest-overlap and highest-KL directions are kept: the readiness test needs just the global
+    extremes, which are among them (an adaptive schedule then keeps the state of the directions
+    left out for that cycle). The full list is always in the run's storage.
     """
     def row(d: DirectionDiagnostic) -> list:
-        return [d.student, d.teacher, round(d.topk_overlap, 4), round(d.symmetric_kl, 4)]
+        r = [d.student, d.teacher, round(d.topk_overlap, 4), round(d.symmetric_kl, 4)]
+        return r + [round(d.mass_overlap, 4)] if d.mass_overlap is not None and d.mass_overlap == d.mass_overlap else r
 
     report = {"cycle": cycle, "directions": [row(d) for d in rows], "total": len(rows)}
     if len(json.dumps(report)) <= budget:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -48,12 +48,16 @@ def branch_datasets(spec: CoPDRunSpec, storage: Path) -> dict[str, Dataset]:
     }
 
 
-def opd_peers(spec: CoPDRunSpec, student: str, datasets: dict[str, Dataset]) -> dict[str, Dataset]:
+def opd_peers(spec: CoPDRunSpec, student: str, datasets: dict[str, Dataset],
+              teachers: Sequence[str] | None = None) -> dict[str, Dataset]:
     """Teacher name → the prompts `student` samples on for it (`CoPDRunSpec.opd_prompt_branches`):
     the teacher's own dataset, or for a hub-and-spoke spoke the union of every other branch's
-    training prompts (drawn uniformly from the union), which the hub scores."""
+    training prompts (drawn uniformly from the union), which the hub scores. `teachers`: only these
+    (schedule.mode adaptive: the distilling directions); default every teacher of the topology."""
     out = {}
     for t in spec.teachers_of(student):
+        if teachers is not None and t not in teachers:
+            continue
         sources = [datasets[n] for n in spec.opd_prompt_branches(student, t)]
         out[t] = sources[0] if len(sources) == 1 else Dataset(
             domain=t, train=[ex for d in sources for ex in d.train], eval=[], reward=datasets[t].reward)
@@ -81,8 +85,15 @@ def run_branch_stage(
     datasets: dict[str, Dataset] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     place: Placement | None = None,
+    steps: int | None = None,
+    teachers: Sequence[str] | None = None,
 ) -> dict:
-    total = steps_of(spec, stage)
+    """`steps`, `teachers`: this branch's work in the stage as the cycle decision planned it
+    (`copd_core.consolidation.stage_work`; schedule.mode adaptive); default the schedule's steps and
+    every teacher of the topology."""
+    total = steps_of(spec, stage) if steps is None else steps
+    if stage == Stage.OPD and teachers is not None and total > 0 and not teachers:
+        raise ValueError(f"branch {branch}: an OPD stage of {total} steps with no teacher")
     datasets = datasets or branch_datasets(spec, storage)
     base = resolve_model_dir(spec.base_model.uri, storage)
 
@@ -151,7 +162,7 @@ def run_branch_stage(
         if stage == Stage.RL:
             m = grpo_step(policy, optimizer, datasets[branch], spec.rl, rng, reference=reference)
         else:
-            m = opd_step(policy, optimizer, opd_peers(spec, branch, datasets), hub, spec.beta_for(branch),
+            m = opd_step(policy, optimizer, opd_peers(spec, branch, datasets, teachers), hub, spec.beta_for(branch),
                          spec.rl, spec.opd, spec.diagnostics, rng,
                          verifiers={d.domain: d.reward for d in datasets.values()})
         rewards.append(m["reward_mean"])

@@ -1,4 +1,4 @@
-"""python -m experiments.compare SPEC --output DIR [--jobs N] [--pilot/--no-pilot]
+"""python -m experiments.compare SPEC --output DIR [--jobs N] [--pilot/--no-pilot] [--only M1,M2,...]
 
 Trains CoPD, its baselines and its ablations (docs/science.md), writes
 DIR/comparison.json, comparison.md, pilot.json and the plots, and prints
@@ -21,8 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", "-j", type=int, default=1, help="worker processes (one torch thread each)")
     ap.add_argument("--pilot", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the pilot study (OPD gain vs teacher–student overlap)")
+    ap.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=None,
+                    help="run only these methods (names as in the table, e.g. copd,copd_adaptive,copd@3); "
+                         "the output then holds only them")
     args = ap.parse_args(argv)
-    run(args.spec, args.output, jobs=args.jobs, pilot=args.pilot)
+    run(args.spec, args.output, jobs=args.jobs, pilot=args.pilot, only=args.only)
     return 0
 
 

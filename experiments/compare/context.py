@@ -23,6 +23,7 @@ from copd_runtime.model_uri import resolve_model_dir
 from copd_runtime.models.policy import Policy, load_policy
 from copd_runtime.recipes.evaluate import accuracy
 from copd_runtime.recipes.grpo import grpo_step
+from experiments.compare.interference import CONFLICTING, CONFLICTING_REWARD, split_examples
 from experiments.compare.spec import CompareSpec
 
 
@@ -36,14 +37,19 @@ def dataset_spec(storage: Path, domain: str) -> DatasetSpec:
 
 
 def reward_spec(domain: str) -> RewardSpec:
-    return default_reward(domain)
+    return CONFLICTING_REWARD.get(domain) or default_reward(domain)
 
 
 def write_datasets(spec: CompareSpec, storage: Path) -> None:
-    """The builtin domains at `dataSeed` (train: the builtin size, eval: `evalSize`), as JSONL. Idempotent."""
+    """The domains at `dataSeed` (train: the builtin size, eval: `evalSize`), as JSONL. Idempotent.
+    The conflicting benchmark's domains come from `interference.split_examples` (same hash split)."""
     for d in spec.domains:
         ds = dataset_spec(storage, d)
         if Path(ds.path).exists() and Path(ds.eval_path).exists():
+            continue
+        if d in CONFLICTING:
+            write_jsonl(Path(ds.eval_path), split_examples(d, spec.eval_size, spec.data_seed, "eval"))
+            write_jsonl(Path(ds.path), split_examples(d, DatasetSpec(builtin="arith").size, spec.data_seed, "train"))
             continue
         gen = load_dataset(d, DatasetSpec(builtin=d), None, storage, spec.data_seed, eval_size=spec.eval_size)
         write_jsonl(Path(ds.eval_path), gen.eval)
@@ -79,7 +85,7 @@ class Ctx:
         self.spec = spec
         self.storage = Path(storage).resolve()
         write_datasets(spec, self.storage)
-        self.base = load_policy(resolve_model_dir(spec.base_model, self.storage))
+        self.base = load_policy(resolve_model_dir(spec.base_uri(), self.storage))
         self.data: dict[str, Dataset] = {
             d: load_dataset(d, dataset_spec(self.storage, d), reward_spec(d), self.storage, spec.data_seed)
             for d in spec.domains

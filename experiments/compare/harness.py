@@ -23,7 +23,7 @@ from experiments.compare.context import Ctx, dataset_spec, write_datasets
 from experiments.compare.methods import job_list, run_job
 from experiments.compare.pilot import pilot_jobs, run_pilot_one
 from experiments.compare.report import write_report
-from experiments.compare.spec import CompareSpec, load_compare_spec
+from experiments.compare.spec import CompareSpec, load_compare_spec, ratio_name
 
 _CTX: Ctx | None = None
 
@@ -65,7 +65,7 @@ def run_comparison(spec: CompareSpec, out: Path, jobs: int = 1, log=print, pilot
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(spec.model_dump_json(by_alias=True, indent=2))
     storage = out / "storage"
-    resolve_model_dir(spec.base_model, storage)  # build the builtin base once, before any worker
+    resolve_model_dir(spec.base_uri(), storage)  # build the builtin base once, before any worker
     write_datasets(spec, storage)  # the one copy of the data every job reads
     t0 = time.monotonic()
 
@@ -110,11 +110,20 @@ def run_comparison(spec: CompareSpec, out: Path, jobs: int = 1, log=print, pilot
                         eval_overlap=eval_overlap(spec, storage))
 
 
+def restrict(spec: CompareSpec, only: list[str]) -> CompareSpec:
+    """The spec with only the named methods (and ratio arms `copd@r`)."""
+    unknown = sorted(set(only) - set(spec.method_names()))
+    if unknown:
+        raise SystemExit(f"--only: {unknown} are not methods of this spec ({spec.method_names()})")
+    return spec.model_copy(update={"methods": [m for m in spec.methods if m in only],
+                                   "ratios": [r for r in spec.ratios if ratio_name(r) in only]})
+
+
 def base_provenance(spec: CompareSpec) -> dict:
     """The base model's identity: for a builtin, the SHA-256 of its shipped weights."""
     if spec.base_model.startswith("builtin://"):
         return {"sha256": weights_sha256(spec.base_model.removeprefix("builtin://"))}
-    d = Path(spec.base_model.removeprefix("file://"))
+    d = Path(spec.base_uri().removeprefix("file://"))
     return {"sha256": file_sums(d).get("model.safetensors")} if d.is_dir() else {}
 
 
@@ -132,9 +141,11 @@ def eval_overlap(spec: CompareSpec, storage: Path) -> dict:
     return res
 
 
-def main(spec_path: Path, output: Path, jobs: int = 1, pilot: bool = True) -> dict:
-    """Run, then print the table (comparison.md)."""
+def main(spec_path: Path, output: Path, jobs: int = 1, pilot: bool = True, only: list[str] | None = None) -> dict:
+    """Run, then print the table (comparison.md). `only`: a subset of the spec's methods."""
     spec = load_compare_spec(spec_path)
+    if only is not None:
+        spec = restrict(spec, only)
     doc = run_comparison(spec, output, jobs=jobs, pilot=pilot)
     print((Path(output) / "comparison.md").read_text())
     return doc

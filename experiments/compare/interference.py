@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
+from copd_core.spec import RewardSpec, Verifier
 from copd_runtime.builtin.build import weights_sha256
 from copd_runtime.builtin.warm_start import answer_loss
-from copd_runtime.data.datasets import text_examples
+from copd_runtime.data.datasets import split_of, text_examples
 from copd_runtime.data.examples import Example
 from copd_runtime.model_uri import resolve_model_dir
 from copd_runtime.models.policy import Policy, load_policy
@@ -49,7 +50,22 @@ def _boxed(rng: random.Random) -> tuple[str, str]:
 
 
 CONFLICTING = {"plain": _plain, "boxed": _boxed}
+# their verifiers in the comparison: an answer in the other convention scores 0
+CONFLICTING_REWARD = {"plain": RewardSpec(verifier=Verifier.EXACT), "boxed": RewardSpec(verifier=Verifier.BOXED)}
 SEPARABLE = ("arith", "reverse", "maxbox")
+
+
+def split_examples(domain: str, n: int, seed: int, split: str) -> list[Example]:
+    """`n` examples of a conflicting domain whose prompts belong to `split` (the builtin text domains'
+    hash split, `split_of`: train and eval prompts disjoint by construction). One RNG key for both
+    domains: `plain` and `boxed` draw the same prompts in the same order."""
+    rng = random.Random(f"interference:{seed}:{split}")
+    out: list[Example] = []
+    while len(out) < n:
+        prompt, answer = CONFLICTING[domain](rng)
+        if split_of(prompt) == split:
+            out.append(Example(prompt, answer, domain=domain))
+    return out
 
 
 def examples(domain: str, n: int, seed: int) -> list[Example]:

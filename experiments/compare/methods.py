@@ -16,6 +16,9 @@ checkpoints → `InProcessHub` → `diagnose` → `merge_dirs`), in its own stor
 - `copd`           CoPDRun with C cycles × (S_RL, S_OPD), mesh, linear merge.
 - `copd@r`         the same with S_RL:S_OPD ≈ r (`cycle_schedule`) at the same per-branch total C·T.
 - `copd_oneshot`   CoPDRun with 1 cycle × (C·S_RL RL, C·S_OPD mutual OPD).
+- `copd_adaptive`  `copd` with schedule.mode adaptive (`adaptive` thresholds of the comparison spec): per
+                   cycle, a direction distils only while its measured alignment asks for it; a branch
+                   with no distilling direction spends the cycle's OPD steps on RL (same C·T per branch).
 
 Two arms a CoPDRun spec cannot express drive the same stage function,
 `run_branch_stage`, directly (same checkpoints, hub, diagnose and merge code):
@@ -91,13 +94,14 @@ def _fresh(path: Path) -> Path:
 
 
 def manifest(ctx: Ctx, method: str, seed: int, cycles: int, rl_steps: int, opd_steps: int,
-             student: bool = False) -> CoPDRunManifest:
+             student: bool = False, adaptive: bool = False) -> CoPDRunManifest:
     """The CoPDRun of one (method, seed): the comparison's recipe, branches = domains.
 
     `mergeReadiness.minCycles` = `cycles`: readiness is tested only after the last cycle,
     so that every method spends its whole budget (an early merge would spend fewer
     updates); whether the branches were ready then is recorded (`merge_ready`).
     `student` adds static OPD's student branch as the hub of a hub-and-spoke topology.
+    `adaptive`: schedule.mode adaptive with the comparison's `adaptive` thresholds.
     """
     s = ctx.spec
     branches = [BranchSpec(name=d, dataset=dataset_spec(ctx.storage, d), reward=reward_spec(d)) for d in s.domains]
@@ -106,9 +110,10 @@ def manifest(ctx: Ctx, method: str, seed: int, cycles: int, rl_steps: int, opd_s
         branches.append(BranchSpec(name=STUDENT, dataset=dataset_spec(ctx.storage, s.domains[0])))
         opd = opd.model_copy(update={"topology": "hub-and-spoke", "hub": STUDENT})
     spec = CoPDRunSpec(
-        base_model=BaseModelSpec(uri=s.base_model),
+        base_model=BaseModelSpec(uri=s.base_uri()),
         branches=branches,
-        schedule=ScheduleSpec(cycles=cycles, rl_steps_per_cycle=rl_steps, opd_steps_per_cycle=opd_steps),
+        schedule=ScheduleSpec(cycles=cycles, rl_steps_per_cycle=rl_steps, opd_steps_per_cycle=opd_steps,
+                              mode="adaptive" if adaptive else "fixed", adaptive=s.adaptive),
         rl=s.rl, opd=opd, diagnostics=s.diagnostics,
         merge_readiness=MergeReadinessSpec(min_cycles=cycles),
         seed=seed,
@@ -148,10 +153,11 @@ class ComparedRun(LocalRun):
                 _own_eval(self.ctx, self.out, a.cycle, self.final_model_dirs())
 
 
-def run_copdrun(ctx: Ctx, method: str, seed: int, cycles: int, rl_steps: int, opd_steps: int) -> dict:
+def run_copdrun(ctx: Ctx, method: str, seed: int, cycles: int, rl_steps: int, opd_steps: int,
+                adaptive: bool = False) -> dict:
     """Run one CoPDRun through LocalRun; return the branches' and the merged model's scores and records."""
     st = _fresh(run_storage(ctx, method, seed))
-    run = ComparedRun(ctx, manifest(ctx, method, seed, cycles, rl_steps, opd_steps), st)
+    run = ComparedRun(ctx, manifest(ctx, method, seed, cycles, rl_steps, opd_steps, adaptive=adaptive), st)
     status = run.run()
     if status.phase != Phase.SUCCEEDED:
         raise RuntimeError(f"{method} seed {seed}: CoPDRun ended {status.phase}: see {st / 'events.log'}")
@@ -159,6 +165,7 @@ def run_copdrun(ctx: Ctx, method: str, seed: int, cycles: int, rl_steps: int, op
     return {
         "eval": ctx.evaluate_dir(st / "merged"), "branches": br_eval, "cycles": cycle_records(ctx, st),
         "schedule": [[rl_steps, opd_steps]] * cycles, "merge_ready": status.merge_ready,
+        **({"adaptive_plan": adaptive_plan(st, ctx.spec.domains)} if adaptive else {}),
         "executor": "LocalRun", "storage": str(st.relative_to(ctx.storage.parent)), **totals(ctx, st),
     }
 
@@ -179,6 +186,23 @@ def totals(ctx: Ctx, storage: Path) -> dict:
             + opd * (s.opd.batch_size or s.rl.batch_size) * s.opd.samples_per_prompt}
 
 
+def adaptive_plan(storage: Path, branches: list[str]) -> list[dict]:
+    """Per cycle, what the adaptive schedule had each branch do, read back from the steps it ran: RL and
+    OPD steps, and the teachers it distilled from (the OPD records name them)."""
+    recs = read_metrics(storage / "metrics.jsonl")
+    out = []
+    for c in sorted({r["cycle"] for r in recs}):
+        row = {}
+        for b in branches:
+            mine = [r for r in recs if r["branch"] == b and r["cycle"] == c]
+            opd = [r for r in mine if r["phase"] == "OPD"]
+            row[b] = {"rl": sum(r["phase"] == "RL" for r in mine), "opd": len(opd),
+                      "teachers": sorted({k.split("/", 1)[1] for r in opd for k in r if k.startswith("mass_overlap/")})}
+        out.append({"cycle": c, "branches": row,
+                    "directions_distilling": sum(len(v["teachers"]) for v in row.values())})
+    return out
+
+
 def cycle_records(ctx: Ctx, storage: Path) -> list[dict]:
     """Per cycle: the Diagnose stage's directions, each branch's own-domain score and mean RL reward.
     Cycle 0 is the common base (every branch = the base: overlap 1, symmetric KL 0)."""
@@ -192,7 +216,7 @@ def cycle_records(ctx: Ctx, storage: Path) -> list[dict]:
     for p in sorted((storage / "diagnostics").glob("cycle-*.json")):
         c = int(p.stem.removeprefix("cycle-"))
         own = json.loads((storage / "own_eval" / p.name).read_text())
-        dirs = [{k: r[k] for k in ("student", "teacher", "topk_overlap", "symmetric_kl")}
+        dirs = [{k: r[k] for k in ("student", "teacher", "topk_overlap", "symmetric_kl", "mass_overlap") if k in r}
                 for r in json.loads(p.read_text())]
         br = {}
         for b in domains:
@@ -250,6 +274,14 @@ def run_copd(ctx: Ctx, seed: int, ratio: float, name: str) -> dict[str, dict]:
     b = ctx.spec.budget
     rl, opd = cycle_schedule(b.steps_per_cycle, ratio)
     return {name: run_copdrun(ctx, name, seed, b.cycles, rl, opd)}
+
+
+def run_copd_adaptive(ctx: Ctx, seed: int) -> dict[str, dict]:
+    """`copd` (S_RL:S_OPD = rlToOpd, C cycles) with schedule.mode adaptive: the same CoPDRun executor,
+    `decide` choosing each cycle's distilling directions from the Diagnose stage's mass overlaps."""
+    b = ctx.spec.budget
+    rl, opd = cycle_schedule(b.steps_per_cycle, b.rl_to_opd)
+    return {"copd_adaptive": run_copdrun(ctx, "copd_adaptive", seed, b.cycles, rl, opd, adaptive=True)}
 
 
 def run_copd_oneshot(ctx: Ctx, seed: int) -> dict[str, dict]:
@@ -364,6 +396,8 @@ def run_job(ctx: Ctx, method: str, seed: int) -> dict[str, dict]:
         return run_copd_oneway(ctx, seed)
     if method == "copd_oneshot":
         return run_copd_oneshot(ctx, seed)
+    if method == "copd_adaptive":
+        return run_copd_adaptive(ctx, seed)
     if method.startswith("copd@"):
         return run_copd(ctx, seed, float(method[5:]), method)
     raise ValueError(f"unknown method {method!r}")

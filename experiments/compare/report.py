@@ -25,6 +25,8 @@ NOTES = {
     "copd_oneway": "only the first branch distils (from the others); the others spend OPD slots on RL; merged "
                    "(run_branch_stage)",
     "copd_oneshot": "a CoPDRun of one cycle through LocalRun: all RL first, then one mutual OPD phase; merged",
+    "copd_adaptive": "copd with schedule.mode adaptive (LocalRun): a direction distils while its mass overlap asks "
+                     "for it; a branch with none spends the OPD steps on RL",
 }
 
 
@@ -86,8 +88,10 @@ def aggregate(spec: CompareSpec, out: Path) -> dict:
             "avg_range": [round(min(avgs), 4), round(max(avgs), 4)],
             "updates": runs[0]["updates"], "rl_updates": runs[0]["rl_updates"],
             "opd_updates": runs[0]["opd_updates"], "rollouts": runs[0]["rollouts"],
+            "opd_updates_per_seed": [r["opd_updates"] for r in runs],
             "skipped_updates": [r.get("skipped_updates") for r in runs],
             "merge_ready": [r.get("merge_ready") for r in runs], "executor": runs[0].get("executor"),
+            "adaptive_plan": [r.get("adaptive_plan") for r in runs] if runs[0].get("adaptive_plan") else None,
             "schedule": runs[0].get("schedule"), "note": NOTES.get(name, f"copd with S_RL:S_OPD = {name[5:]}" if name.startswith("copd@") else ""),
         }
     return methods
@@ -125,9 +129,10 @@ def write_report(spec: CompareSpec, out: Path, base: dict[str, float], wall_seco
     if pilot:
         (out / "pilot.json").write_text(json.dumps(pilot, indent=2))
         plots.append(plot_pilot(pilot, out / "pilot.png"))
-    copd_like = [n for n in methods if n == "copd" or n.startswith("copd@")]
+    copd_like = [n for n in methods if n in ("copd", "copd_adaptive") or n.startswith("copd@")]
     baselines = [n for n in methods if n in ("experts_merged", "mixed_rlvr", "static_opd", "copd_oneway",
                                               "copd_oneshot", "experts")]
+    baselines += ["copd"] if "copd_adaptive" in methods and "copd" in methods else []
     doc = {
         "domains": spec.domains, "seeds": spec.seeds, "base_eval": base,
         "base_model": {"uri": spec.base_model, **(provenance or {})},
@@ -137,7 +142,7 @@ def write_report(spec: CompareSpec, out: Path, base: dict[str, float], wall_seco
                                f"RNG seed {BOOTSTRAP_SEED}",
                        "paired": "per-seed difference of the domain-average score, same seeds"},
         "paired": {f"{a} - {b}": p for a in copd_like for b in baselines
-                   if (p := paired(methods[a], methods[b])) is not None},
+                   if a != b and (p := paired(methods[a], methods[b])) is not None},
         "budget": {"branches": len(spec.domains), "cycles": spec.budget.cycles,
                    "steps_per_branch_per_cycle": spec.budget.steps_per_cycle,
                    "total_updates": len(spec.domains) * spec.budget.cycles * spec.budget.steps_per_cycle},
@@ -150,7 +155,7 @@ def write_report(spec: CompareSpec, out: Path, base: dict[str, float], wall_seco
 
 def alignment_rows(spec: CompareSpec, out: Path, key: str) -> list[tuple[str, list[str]]]:
     rows = []
-    for method in ("copd", "experts", "copd_oneway", "copd_oneshot"):
+    for method in ("copd", "copd_adaptive", "experts", "copd_oneway", "copd_oneshot"):
         c = _cycle_curves(out, method, spec.seeds)
         if c is None:
             continue
@@ -181,9 +186,15 @@ def markdown(spec: CompareSpec, doc: dict, pilot: dict | None, out: Path) -> str
         sched = m.get("schedule")
         sched = f"{sched[0][0]}:{sched[0][1]} × {len(sched)}" if sched else ""
         ci = m.get("avg_ci95") or [float("nan")] * 2
+        opd = m.get("opd_updates_per_seed") or [m["opd_updates"]]
+        split = (f"{m['rl_updates']}+{m['opd_updates']}" if min(opd) == max(opd) else
+                 f"{m['updates'] - max(opd)}–{m['updates'] - min(opd)} + {min(opd)}–{max(opd)} over seeds")
+        rollouts = m["rollouts"] if min(opd) == max(opd) else "varies"
+        if m.get("adaptive_plan"):
+            sched += " (adaptive)"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | **{m['avg']:.3f}** ± {m['avg_spread']:.3f} "
                      f"[{ci[0]:.3f}, {ci[1]:.3f}] | "
-                     f"{m['updates']} ({m['rl_updates']}+{m['opd_updates']}) | {sched} | {m['rollouts']} | "
+                     f"{m['updates']} ({split}) | {sched} | {rollouts} | "
                      f"{m.get('executor') or ''} |")
     if doc.get("paired"):
         lines += ["", "Paired differences of the domain-average score (same seeds; mean ± sample std, bootstrap "
@@ -192,6 +203,19 @@ def markdown(spec: CompareSpec, doc: dict, pilot: dict | None, out: Path) -> str
         for k, p in doc["paired"].items():
             lines.append(f"| {k} | {p['mean']:+.3f} ± {p['std']:.3f} | [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] "
                          f"| {p['wins']}/{p['losses']} of {len(p['seeds'])} |")
+    for n, m in doc["methods"].items():
+        plans = m.get("adaptive_plan")
+        if not plans:
+            continue
+        a = spec.adaptive
+        ndir = len(d) * (len(d) - 1)
+        lines += ["", f"Adaptive schedule of `{n}` (lowerAlignment {a.lower_alignment}, upperAlignment "
+                  f"{a.upper_alignment}, minPhaseCycles {a.min_phase_cycles}, maxPhaseCycles "
+                  f"{a.max_phase_cycles or 'none'}): directions distilling per cycle, of {ndir}, per seed:", "",
+                  "| seed | " + " | ".join(f"cycle {c['cycle']}" for c in plans[0]) + " |",
+                  "|---|" + "---|" * len(plans[0])]
+        for s, plan in zip(m["seeds"], plans):
+            lines.append(f"| {s['seed']} | " + " | ".join(str(c["directions_distilling"]) for c in plan) + " |")
     merged = [(n, m) for n, m in doc["methods"].items() if m["seeds"][0].get("branches") and n != "experts"]
     if merged:
         lines += ["", "Branches before the merge (mean over seeds of each branch's own-domain score → merged "
@@ -202,7 +226,8 @@ def markdown(spec: CompareSpec, doc: dict, pilot: dict | None, out: Path) -> str
                 own = [s["branches"][x][x] for s in m["seeds"] if x in (s["branches"] or {})]
                 cells.append(f"{statistics.fmean(own):.3f} → {m['eval'][x]:.3f}" if own else "")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    for key, label in (("overlap", "top-k overlap"), ("symkl", "symmetric KL")):
+    for key, label in (("overlap", "top-k overlap"), ("mass", "mass overlap Σmin(p, q) on the top-k union"),
+                       ("symkl", "symmetric KL")):
         rows = alignment_rows(spec, out, key)
         if rows:
             n = max(len(c) for _, c in rows)
@@ -271,14 +296,17 @@ def _cycle_curves(out: Path, method: str, seeds: list[int]) -> dict | None:
     res: dict = {"cycle": cyc}
     for b in names:
         res[b] = {key: [_mean_over_runs(runs, i, b, key) for i in range(len(cyc))]
-                  for key in ("overlap", "symkl", "own_eval", "rl_reward")}
+                  for key in ("overlap", "mass", "symkl", "own_eval", "rl_reward")}
     return res
 
 
 def _cycle_value(c: dict, b: str, key: str) -> float | None:
-    if key in ("overlap", "symkl"):
-        field = "topk_overlap" if key == "overlap" else "symmetric_kl"
-        return statistics.fmean(x[field] for x in c["directions"] if x["student"] == b)
+    if key in ("overlap", "mass", "symkl"):
+        field = {"overlap": "topk_overlap", "mass": "mass_overlap", "symkl": "symmetric_kl"}[key]
+        vals = [x[field] for x in c["directions"] if x["student"] == b and x.get(field) is not None]
+        if c["cycle"] == 0 and key == "mass":
+            return 1.0  # the common base
+        return statistics.fmean(vals) if vals else None
     return c["branches"][b][key]
 
 

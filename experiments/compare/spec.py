@@ -8,9 +8,14 @@ from typing import Literal
 import yaml
 from pydantic import Field, model_validator
 
-from copd_core.spec import DiagnosticsSpec, OPDSpec, RLSpec, _Model
+from copd_core.spec import AdaptiveSpec, DiagnosticsSpec, OPDSpec, RLSpec, _Model
 
-BASE_METHODS = ("experts", "experts_merged", "mixed_rlvr", "static_opd", "copd", "copd_oneway", "copd_oneshot")
+BASE_METHODS = ("experts", "experts_merged", "mixed_rlvr", "static_opd", "copd", "copd_oneway", "copd_oneshot",
+                "copd_adaptive")
+REPO = Path(__file__).resolve().parents[2]
+# The conflicting benchmark's domains (generators and verifiers in experiments/compare/interference.py):
+# the same prompts "7 8=", answered "15" (plain, exact match) or "\boxed{15}" (boxed).
+CONFLICTING_DOMAINS = ("plain", "boxed")
 
 
 class BudgetSpec(_Model):
@@ -28,7 +33,12 @@ class PilotSpec(_Model):
 
 
 class CompareSpec(_Model):
-    base_model: str = "builtin://tiny-qwen3"
+    base_model: str = Field("builtin://tiny-qwen3", description="A builtin:// model, or a model directory (a "
+                            "relative path is relative to the repository, e.g. experiments/compare/bases/...).")
+    benchmark: Literal["separable", "conflicting"] = Field(
+        "separable", description="separable: the builtin domains (each with its own prompt prefix); "
+        "conflicting: `plain` and `boxed` (experiments/compare/interference.py): the same prompts, no prefix, "
+        "incompatible answer conventions.")
     domains: list[str] = Field(default_factory=lambda: ["arith", "reverse", "maxbox"], min_length=2)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
@@ -37,6 +47,9 @@ class CompareSpec(_Model):
                                 description="S_RL:S_OPD ablation; one `copd@r` method per ratio.")
     rl: RLSpec = Field(default_factory=lambda: RLSpec(learning_rate=5e-4, max_new_tokens=12))
     opd: OPDSpec = Field(default_factory=OPDSpec)
+    adaptive: AdaptiveSpec = Field(default_factory=AdaptiveSpec,
+                                   description="Thresholds of `copd_adaptive` (schedule.mode adaptive, at copd's "
+                                               "S_RL:S_OPD and budget).")
     diagnostics: DiagnosticsSpec = Field(default_factory=DiagnosticsSpec)
     eval_size: int = Field(200, ge=8, description="Held-out examples per domain.")
     data_seed: int = Field(0, ge=0, description="Seed of the datasets (the same for every method and seed).")
@@ -53,7 +66,18 @@ class CompareSpec(_Model):
             raise ValueError("staticOpdStudent: only `base` is implemented")
         if self.opd.topology != "mesh":
             raise ValueError("opd.topology: the comparison's CoPD arms use the mesh")
+        wrong = [d for d in self.domains if (d in CONFLICTING_DOMAINS) != (self.benchmark == "conflicting")]
+        if wrong:
+            raise ValueError(f"domains: {wrong} do not belong to benchmark {self.benchmark!r} (conflicting: "
+                             f"{list(CONFLICTING_DOMAINS)}; separable: the builtin text domains)")
         return self
+
+    def base_uri(self) -> str:
+        """`baseModel` as a URI the runtime resolves: a relative directory becomes absolute (the repository's)."""
+        b = self.base_model
+        if "://" in b or Path(b).is_absolute():
+            return b
+        return str(REPO / b)
 
     def method_names(self) -> list[str]:
         return list(self.methods) + [ratio_name(r) for r in self.ratios]

@@ -106,6 +106,23 @@ RUN_SPEC_RULES: dict[tuple[str, ...], list[dict]] = {
             "rule": "self.rlStepsPerCycle + self.opdStepsPerCycle > 0",
             "message": "schedule: rlStepsPerCycle and opdStepsPerCycle cannot both be 0",
         },
+        {   # ScheduleSpec._some_work: adaptive decides which directions use the OPD steps
+            "rule": "!has(self.mode) || self.mode != 'adaptive' || self.opdStepsPerCycle > 0",
+            "message": "schedule.mode: adaptive needs opdStepsPerCycle > 0", "fieldPath": ".mode",
+        },
+    ],
+    ("schedule", "adaptive"): [
+        {   # AdaptiveSpec._ordered
+            "rule": "!has(self.lowerAlignment) || !has(self.upperAlignment) "
+                    "|| self.lowerAlignment <= self.upperAlignment",
+            "message": "schedule.adaptive.lowerAlignment: exceeds upperAlignment (a direction starts distilling "
+                       "below lowerAlignment and stops above upperAlignment)", "fieldPath": ".lowerAlignment",
+        },
+        {   # AdaptiveSpec._ordered
+            "rule": "!has(self.maxPhaseCycles) || self.maxPhaseCycles >= (has(self.minPhaseCycles) "
+                    "? self.minPhaseCycles : 1)",
+            "message": "schedule.adaptive.maxPhaseCycles: is below minPhaseCycles", "fieldPath": ".maxPhaseCycles",
+        },
     ],
     ("merge",): [
         {   # MergeSpec._non_negative (each value >= 0 is a schema bound)
@@ -238,7 +255,7 @@ def _defaults_of(obj: dict) -> dict:
     out = {}
     for name, sub in obj.get("properties", {}).items():
         if "default" in sub:
-            out[name] = sub["default"]
+            out[name] = copy.deepcopy(sub["default"])  # no shared objects: the YAML gets no anchors
     return out
 
 

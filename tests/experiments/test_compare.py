@@ -106,7 +106,18 @@ def test_compare_command_contract(tmp_path):
     assert {n: m["executor"] for n, m in doc["methods"].items()} == {
         "experts": "LocalRun", "experts_merged": "LocalRun", "copd": "LocalRun", "copd@3": "LocalRun",
         "copd_oneshot": "LocalRun", "copd_oneway": "run_branch_stage", "static_opd": "run_branch_stage",
-        "mixed_rlvr": "grpo_step"}
+        "mixed_rlvr": "grpo_step", "copd_adaptive": "LocalRun"}
+    # the adaptive arm: schedule.mode adaptive at copd's schedule, its per-cycle plan read back from its steps
+    ad = doc["methods"]["copd_adaptive"]
+    (plan,) = ad["adaptive_plan"]
+    assert [c["cycle"] for c in plan] == [1, 2] and plan[0]["directions_distilling"] == 6  # cycle 1: all
+    for c in plan:
+        for b, w in c["branches"].items():
+            assert w["rl"] + w["opd"] == 4 and (w["opd"] == 2) == bool(w["teachers"]), (c, b)
+    assert {"copd_adaptive - copd", "copd_adaptive - mixed_rlvr"} <= set(doc["paired"])
+    run = CoPDRunManifest.model_validate_json((out / "storage" / "copd_adaptive" / "seed-0" / "copdrun.json").read_text())
+    assert run.spec.schedule.mode == "adaptive" and run.spec.schedule.adaptive.lower_alignment == 0.93
+    assert "Adaptive schedule of `copd_adaptive`" in (out / "comparison.md").read_text()
 
     # The CoPD arms went through LocalRun: a CoPDRun manifest, the run status that `decide` wrote,
     # branch checkpoints, one Diagnose per cycle, the merge, and exactly the steps the table counts.
@@ -143,3 +154,31 @@ def test_compare_command_contract(tmp_path):
         assert (out / png).stat().st_size > 1000
     md = (out / "comparison.md").read_text()
     assert all(name in md for name in expected) and "Pilot" in md
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compare_runs_the_conflicting_benchmark(tmp_path):
+    """`plain` and `boxed` on the same prompts, from the committed conflict base: datasets disjoint by
+    the hash split, each domain scored by its own verifier, the base identified by its SHA-256."""
+    doc = yaml.safe_load(open("examples/compare-conflicting.yaml"))
+    doc["spec"].update(seeds=[0], budget={"cycles": 2, "stepsPerCycle": 4, "rlToOpd": 1}, ratios=[], evalSize=16,
+                       methods=["mixed_rlvr", "copd", "copd_adaptive"], diagnostics={"topK": 8, "probePrompts": 4})
+    spec_file = tmp_path / "conflicting.yaml"
+    spec_file.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "experiments.compare", str(spec_file), "--output", str(out)],
+                         capture_output=True, text=True, timeout=560)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    got = json.loads((out / "comparison.json").read_text())
+    sums = json.loads(open("experiments/compare/bases/tiny-qwen3-conflict/SHA256SUMS.json").read())
+    assert got["base_model"]["sha256"] == sums["model.safetensors"]
+    assert {d: o["eval_in_train"] for d, o in got["eval_overlap"].items()} == {"plain": 0, "boxed": 0}
+    assert set(got["methods"]) == {"mixed_rlvr", "copd", "copd_adaptive"}
+    for m in got["methods"].values():
+        assert m["updates"] == 2 * 2 * 4 and set(m["eval"]) == {"plain", "boxed"}
+    data = out / "storage" / "data"
+    plain = [json.loads(x) for x in (data / "plain.train.jsonl").read_text().splitlines()]
+    boxed = [json.loads(x) for x in (data / "boxed.train.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in plain] == [r["prompt"] for r in boxed]  # the same prompts
+    assert all(b["answer"] == "\\boxed{" + p["answer"] + "}" for p, b in zip(plain, boxed))

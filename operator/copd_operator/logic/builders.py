@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from copd_core.consolidation import StageWork
 from copd_core.spec import CoPDRunSpec, ResourceSpec
 from copd_operator.logic.naming import (
     ANNOTATION_RUN_UID,
@@ -341,14 +342,16 @@ def build_rendezvous_service(run: RunRef, branch: str, branch_uid: str) -> dict:
 
 
 def build_stage_job(run: RunRef, cfg: OperatorConfig, branch: str, branch_uid: str, cycle: int, stage: str,
-                    hub_url: str | None = None, attempt: int = 0, suspend: bool | None = None) -> dict:
+                    hub_url: str | None = None, attempt: int = 0, suspend: bool | None = None,
+                    work: StageWork | None = None) -> dict:
     """The trainer of one (branch, cycle, stage): `copd stage`, resuming from the newest checkpoint,
     reporting its progress live into its Branch's status (`--branch-object`, `--api-credentials`).
 
     More than one process (resources.gpu > 1 or trainer.nodes > 1): `torchrun` runs one `copd stage`
     per GPU (DeepSpeed ZeRO across them, global rank 0 reports), with a memory-backed /dev/shm;
     trainer.nodes > 1 makes it an Indexed Job of that many pods, found through the branch's headless
-    rendezvous Service (`build_rendezvous_service`, created with the Job)."""
+    rendezvous Service (`build_rendezvous_service`, created with the Job). `work` (schedule.mode
+    adaptive): the branch's steps and OPD teachers this cycle, as the cycle decision planned them."""
     args = ["stage", "--manifest", f"env:{MANIFEST_ENV}", "--storage", run.spec.storage.path,
             "--branch", branch, "--cycle", str(cycle), "--stage", stage,
             "--checkpoint-every", str(cfg.checkpoint_every), "--report-file", TERMINATION_LOG,
@@ -356,6 +359,10 @@ def build_stage_job(run: RunRef, cfg: OperatorConfig, branch: str, branch_uid: s
     if hub_url:
         # a replaced hub pod may have another address: trainers re-read it from the storage (hub.py)
         args += ["--hub-url", hub_url]
+    if work is not None:
+        args += ["--steps", str(work.steps)]
+        if stage == "OPD":
+            args += ["--teachers", ",".join(work.teachers)]
     lab = labels(run.name, "trainer", branch=branch, cycle=cycle, stage=stage)
     container = _container(run, cfg, args, _resources(run.spec.trainer.resources))
     container["volumeMounts"].append({"name": API_TOKEN_VOLUME, "mountPath": SA_DIR, "readOnly": True})

@@ -129,7 +129,10 @@ def job_outcome(job: dict | None, pods: list[dict]) -> JobOutcome | None:
     return JobOutcome(RUNNING if st.get("active", 0) > 0 else PENDING)
 
 
-def branch_report(spec: CoPDRunSpec, cycle: int, stage: Stage, outcome: JobOutcome | None) -> BranchReport | None:
+def branch_report(spec: CoPDRunSpec, cycle: int, stage: Stage, outcome: JobOutcome | None,
+                  steps: int | None = None) -> BranchReport | None:
+    """`steps`: the branch's planned steps in the stage (`steps_of` with the run's status), the step a
+    report without one is taken to have reached."""
     if outcome is None:
         return None
     rep = outcome.report or {}
@@ -138,7 +141,7 @@ def branch_report(spec: CoPDRunSpec, cycle: int, stage: Stage, outcome: JobOutco
         return BranchReport(cycle, stage, failed=True, message=outcome.message or rep.get("message", ""),
                             reason=rep.get("reason"))
     if outcome.state == SUCCEEDED:
-        return BranchReport(cycle, stage, step=int(rep.get("step", steps_of(spec, stage))),
+        return BranchReport(cycle, stage, step=int(rep.get("step", steps_of(spec, stage) if steps is None else steps)),
                             reward=rep.get("reward"), done=bool(rep.get("done", True)),
                             message=rep.get("message", "") if outcome.report else "no report (empty message)",
                             storage_warning=rep.get("storage_warning"))
@@ -151,11 +154,15 @@ def diagnose_report(cycle: int, outcome: JobOutcome | None) -> DiagnoseReport | 
     if outcome.state == FAILED:
         return DiagnoseReport(cycle, failed=True, message=outcome.message, reason=(outcome.report or {}).get("reason"))
     report = outcome.report or {}
-    # compact rows [student, teacher, overlap, symmetric KL] (`copd diagnose`; for large meshes only
-    # each student's extremes, which is all the readiness test needs), or the older list of dicts
-    diags = tuple(DirectionDiagnostic(cycle, s, t, float(o), float(k)) for s, t, o, k in report.get("directions") or [])
+    # compact rows [student, teacher, overlap, symmetric KL(, mass overlap)] (`copd diagnose`; for large
+    # meshes only each student's extremes, which is all the readiness test needs), or the older list of dicts
+    diags = tuple(DirectionDiagnostic(cycle, r[0], r[1], float(r[2]), float(r[3]),
+                                      float(r[4]) if len(r) > 4 and r[4] is not None else None)
+                  for r in report.get("directions") or [])
     diags += tuple(DirectionDiagnostic(int(r["cycle"]), r["student"], r["teacher"], float(r["topk_overlap"]),
-                                       float(r["symmetric_kl"])) for r in report.get("diagnostics") or [])
+                                       float(r["symmetric_kl"]),
+                                       float(r["mass_overlap"]) if r.get("mass_overlap") is not None else None)
+                   for r in report.get("diagnostics") or [])
     return DiagnoseReport(cycle, diags)
 
 
@@ -209,7 +216,8 @@ def observe(spec: CoPDRunSpec, status: RunStatus, snap: Snapshot) -> Observed:
         for b in spec.branches:
             job = naming.stage_job_name(run, b.name, status.cycle, status.stage.value, attempt_of(status, b.name))
             rep = branch_report(spec, status.cycle, status.stage,
-                                job_outcome(snap.jobs.get(job), snap.pods_of_job(job)))
+                                job_outcome(snap.jobs.get(job), snap.pods_of_job(job)),
+                                steps=steps_of(spec, status.stage, status, b.name))
             if rep is not None:
                 branches[b.name] = rep
     diag = None

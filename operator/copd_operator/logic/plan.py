@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from copd_core.conditions import iso
+from copd_core.consolidation import adaptive, stage_work
 from copd_core.cycle import (
     TERMINAL,
     Event,
@@ -149,7 +150,7 @@ def branch_statuses(run: RunRef, status: RunStatus, snap: Snapshot, generation: 
             continue
         job = stage_job_name(run, b.name, status.cycle, stage_now, attempt_of(status, b.name)) if stage_now else None
         outcome = job_outcome(snap.jobs.get(job), snap.pods_of_job(job)) if job else None
-        out[b.name] = branch_cr_status(status, b.name, steps_of(spec, Stage(stage_now)) if stage_now else 0,
+        out[b.name] = branch_cr_status(status, b.name, steps_of(spec, Stage(stage_now), status, b.name) if stage_now else 0,
                                        outcome, job if job in snap.jobs else None, generation,
                                        progress=(cr.get("status") or {}).get("progress"))
     return out
@@ -245,9 +246,11 @@ def plan(run: RunRef, cfg: OperatorConfig, status: RunStatus, actions: list, sna
                 continue  # next reconcile: the Branch (created above) / the hub's address is not known yet
             if spec.trainer.nodes > 1:  # pods of a multi-pod stage meet through it (kept for the branch's life)
                 ops.append(Create(build_rendezvous_service(run, a.branch, cr["metadata"]["uid"])))
+            # schedule.mode adaptive: the branch's steps (and OPD teachers) this cycle, from the cycle decision
+            work = stage_work(spec, status.consolidation, a.branch, a.stage.value) if adaptive(spec) else None
             ops.append(Create(build_stage_job(run, cfg, a.branch, cr["metadata"]["uid"], a.cycle, a.stage.value,
                                               hub_url=url if a.stage == Stage.OPD else None, attempt=a.attempt,
-                                              suspend=spec.suspend or not g.open)))
+                                              suspend=spec.suspend or not g.open, work=work)))
         elif isinstance(a, RunDiagnose):
             job = diagnose_job_name(run, a.cycle, a.attempt)
             if job not in snap.jobs:

@@ -43,7 +43,9 @@ def test_defaults_enums_ranges_and_printer_columns():
     doc = crd.copdrun_crd()
     v = doc["spec"]["versions"][0]
     spec = v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-    assert spec["schedule"]["default"] == {"cycles": 4, "rlStepsPerCycle": 6, "opdStepsPerCycle": 4}
+    assert spec["schedule"]["default"] == {"cycles": 4, "rlStepsPerCycle": 6, "opdStepsPerCycle": 4, "mode": "fixed",
+                                           "adaptive": {"lowerAlignment": 0.93, "upperAlignment": 0.95,
+                                                        "minPhaseCycles": 1}}
     assert spec["opd"]["properties"]["topology"]["enum"] == ["mesh", "hub-and-spoke"]
     assert spec["rl"]["properties"]["clipEpsLow"]["exclusiveMinimum"] is True
     assert spec["branches"]["minItems"] == 2
@@ -89,6 +91,12 @@ BAD = {
                                     s.setdefault("trainer", {}).update(zeroStage=3)), "rollout.engine"),
     "vllm with a VLM": (lambda s: (s.setdefault("rollout", {}).update(engine="vllm"),
                                    s["baseModel"].update(kind="vlm")), "rollout.engine"),
+    "adaptive lower > upper": (lambda s: s["schedule"].update(
+        mode="adaptive", adaptive={"lowerAlignment": 0.97, "upperAlignment": 0.9}), "schedule.adaptive.lowerAlignment"),
+    "adaptive max < min phase": (lambda s: s["schedule"].update(
+        mode="adaptive", adaptive={"minPhaseCycles": 3, "maxPhaseCycles": 2}), "schedule.adaptive.maxPhaseCycles"),
+    "adaptive without OPD steps": (lambda s: s["schedule"].update(mode="adaptive", opdStepsPerCycle=0),
+                                   "schedule.mode"),
 }
 
 
