@@ -21,8 +21,11 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
+import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +33,15 @@ import numpy as np
 import torch
 
 from copd_runtime.models import distributed
-from copd_runtime.models.policy import Policy, atomic_dir, save_policy
+from copd_runtime.models.policy import (
+    Policy,
+    atomic_dir,
+    hold_writer_lock,
+    release_writer_lock,
+    save_policy,
+    writer_alive,
+    writer_lock_path,
+)
 
 STAGE_ORDER = {"RL": 0, "OPD": 1}
 MANIFEST = "manifest.json"
@@ -137,7 +148,10 @@ def _quarantine(ckpt: Path) -> None:
 def latest_checkpoint(storage: Path, branch: str, before: tuple[int, str] | None = None,
                       skipped: list[str] | None = None):
     """Newest complete and intact checkpoint, optionally strictly before stage (cycle, stage) began.
-    Damaged ones met on the way are moved aside and named in `skipped` (and on stderr)."""
+    Damaged ones met on the way are moved aside and named in `skipped` (and on stderr); temp directories
+    a killed writer left are removed (`remove_stale_temps`)."""
+    if distributed.rank() == 0:
+        remove_stale_temps(storage, branch)
     cks = list_checkpoints(storage, branch)
     if before is not None:
         bound = (before[0], STAGE_ORDER[before[1]])
@@ -152,6 +166,53 @@ def latest_checkpoint(storage: Path, branch: str, before: tuple[int, str] | None
             skipped.append(f"{path.name}: {problem}")
         _quarantine(path)
     return None
+
+
+# Our own temp directories beside a branch's checkpoints: `.tmp-<checkpoint>-<random>` (atomic_dir) and
+# `.tmp-<checkpoint>-sharded-<random>` (a multi-process writer); nothing else there is ever removed
+_TEMP = re.compile(r"^\.tmp-c\d{3}-(RL|OPD)-s\d{5}-[A-Za-z0-9_-]+$")
+# a temp directory without a lock file (written before the locks, or a volume without flock) is
+# taken as left over once it has not changed for this long
+UNLOCKED_STALE_S = 3600.0
+
+
+def remove_stale_temps(storage: Path, branch: str) -> list[str]:
+    """Remove the temp directories a writer killed mid-checkpoint (SIGKILL, OOM, a lost node) left in a
+    branch's checkpoints: only names of ours (`_TEMP`) whose writer no longer holds their lock
+    (`models.policy.writer_alive`), or that have no lock file and are older than UNLOCKED_STALE_S. A live
+    writer's directory (another process, another pod on the same volume) is never touched. Returns the
+    names removed (also on stderr)."""
+    root = branch_dir(storage, branch) / "checkpoints"
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for p in entries:
+        d = p.with_name(p.name[: -len(".lock")]) if p.name.endswith(".lock") else p
+        if not _TEMP.match(d.name) or (p is d and (p.is_symlink() or not p.is_dir())):
+            continue
+        if p is not d and d.exists():
+            continue  # its directory's turn decides
+        alive = writer_alive(d)
+        if alive or (alive is None and writer_lock_path(d).exists()):
+            continue  # a live writer, or locks unavailable here: cannot tell
+        if alive is None:
+            try:
+                if time.time() - d.stat().st_mtime < UNLOCKED_STALE_S:
+                    continue  # maybe a writer between creating the directory and locking it
+            except OSError:
+                continue
+        shutil.rmtree(d, ignore_errors=True)
+        try:
+            writer_lock_path(d).unlink()
+        except OSError:
+            pass
+        removed.append(d.name)
+    if removed:
+        print(f"warning: removed {len(removed)} temp dir(s) left by a killed checkpoint writer of {branch}: "
+              f"{', '.join(removed)}", file=sys.stderr, flush=True)
+    return removed
 
 
 KEEP = 3  # newest checkpoints kept per branch (plus the two newest stage-final ones: `_gc`)
@@ -186,6 +247,8 @@ def save_checkpoint(storage: Path, branch: str, policy: Policy, optimizer, count
     """Write a checkpoint atomically. Out of space: raises StorageFull (the partial temp dir is gone, the
     previous checkpoint untouched and still the newest)."""
     final = branch_dir(storage, branch) / "checkpoints" / counters.dirname()
+    if distributed.rank() == 0:
+        remove_stale_temps(storage, branch)
     if hasattr(optimizer, "save"):  # DeepSpeed across processes: every rank writes its shard
         _save_sharded(final, policy, optimizer, counters)
         if distributed.rank() == 0:
@@ -226,11 +289,15 @@ def _save_sharded(final: Path, policy: Policy, optimizer, counters: Counters) ->
     directory, renamed into place by rank 0 once every rank is done."""
     import torch.distributed as dist
 
-    tmp = final.parent / f".tmp-{final.name}-sharded"
+    lock = None
+    name = [None]
     if distributed.rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-sharded-", dir=final.parent))
+        lock = hold_writer_lock(tmp)  # held by rank 0 until the rename (torchrun stops every rank with it)
+        name = [tmp.name]
+    dist.broadcast_object_list(name, src=0)
+    tmp = final.parent / name[0]
     optimizer.save(tmp / ZERO_DIR)
     full = optimizer.full_state_dict()  # ZeRO-3: a collective, the whole weights on rank 0 only
     dist.barrier()
@@ -242,6 +309,7 @@ def _save_sharded(final: Path, policy: Policy, optimizer, counters: Counters) ->
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
+        release_writer_lock(tmp, lock)
     dist.barrier()
 
 

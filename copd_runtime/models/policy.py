@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
 import tempfile
@@ -117,9 +119,16 @@ class _AtomicDir:
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.final.name}-", dir=self.final.parent))
+        self.lock = hold_writer_lock(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._finish(exc_type)
+        finally:
+            release_writer_lock(self.tmp, self.lock)
+
+    def _finish(self, exc_type) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
@@ -135,6 +144,55 @@ class _AtomicDir:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 raise
+
+
+def writer_lock_path(tmp: Path) -> Path:
+    """The lock file beside a temp directory being written (`<tmp>.lock`: outside it, so never part of
+    what is renamed into place)."""
+    return tmp.with_name(tmp.name + ".lock")
+
+
+def hold_writer_lock(tmp: Path) -> int | None:
+    """Take an exclusive `flock` on `<tmp>.lock` for as long as this process writes `tmp`: the kernel (or
+    the file server) drops it when the process dies, even by SIGKILL, which is how a later save or load
+    tells a dead writer's leftovers from a live writer's work (`writer_alive`). None where the volume
+    has no locks (the leftover is then never taken for dead)."""
+    try:
+        fd = os.open(writer_lock_path(tmp), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def release_writer_lock(tmp: Path, fd: int | None) -> None:
+    if fd is None:
+        return
+    try:
+        os.unlink(writer_lock_path(tmp))
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def writer_alive(tmp: Path) -> bool | None:
+    """True while a process holds `<tmp>.lock`; False when the lock file exists and nobody holds it
+    (its writer died); None when there is no lock file or locks cannot be taken here (unknown)."""
+    try:
+        fd = os.open(writer_lock_path(tmp), os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        return True if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+    finally:
+        os.close(fd)  # (closing drops a lock we took)
+    return False
 
 
 def _fsync_tree(root: Path) -> None:

@@ -16,7 +16,7 @@ from copd_runtime.models.distributed import PERSISTENCE_ENV
 from copd_runtime.models.optim import make_optimizer
 from copd_runtime.models.policy import load_policy
 from copd_runtime.recipes.grpo import policy_update
-from copd_runtime.rollout import sample
+from copd_runtime.rollout import sample, teacher_scores
 from tests import ROOT
 
 pytest.importorskip("deepspeed")
@@ -72,3 +72,13 @@ def test_two_process_zero_update_equals_one_process_and_resumes(tiny_dirs, tmp_p
         for n, w in want.items():
             assert torch.allclose(got[key][n], w, atol=2e-6, rtol=1e-5), (key, n, (got[key][n] - w).abs().max())
     assert got["stats1"]["skipped"] == 0.0
+
+    # scoring with the (partitioned) trained model equals the 1-process model's on rank 0's rows
+    pol = load_policy(tiny_dirs["a"])
+    with torch.no_grad():
+        for n, p in pol.model.named_parameters():
+            p.copy_(want2[n])
+    want = teacher_scores(pol, rollout.select(got["rows"]), 1.0, 4)
+    assert torch.allclose(got["scores"]["sampled_logprobs"], want["sampled_logprobs"], atol=1e-5)
+    assert torch.allclose(got["scores"]["topk_logprobs"], want["topk_logprobs"], atol=1e-5)
+    assert torch.equal(got["scores"]["topk_ids"], want["topk_ids"])

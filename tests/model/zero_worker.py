@@ -19,6 +19,7 @@ from copd_runtime.models.device import placement
 from copd_runtime.models.distributed import ZeroOptimizer
 from copd_runtime.models.policy import load_policy
 from copd_runtime.recipes.grpo import policy_update
+from copd_runtime.rollout import teacher_scores
 
 
 def main(model_dir: str, case_file: str, out_dir: str, zero_stage: str) -> None:
@@ -56,9 +57,11 @@ def main(model_dir: str, case_file: str, out_dir: str, zero_stage: str) -> None:
     opt2.load(out / "ckpt")
     update(resumed, opt2)
     resumed2 = params(resumed, opt2)
+    scores = teacher_scores(resumed, sub, 1.0, 4)  # the LM head's top-k too, under ZeRO-3 through its module
     if distributed.rank() == 0:
         torch.save({"after1": after1, "after2": after2, "resumed2": resumed2, "stats1": stats1,
-                    "stats2": stats2, "world": distributed.world_size(), "partitioned": partitioned},
+                    "stats2": stats2, "world": distributed.world_size(), "partitioned": partitioned,
+                    "scores": scores, "rows": rows},
                    out / "result.pt")
 
 
