@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from copd_runtime.data.examples import Example
-from copd_runtime.maths.logprobs import LMHead, token_logprobs_M, topk_logprobs_M_K
+from copd_runtime.maths.logprobs import LMHead, scores_M, token_logprobs_M, topk_logprobs_M_K
 from copd_runtime.models.policy import Policy
 from copd_runtime.models.vlm import (
     encode_vlm_prompts,
@@ -217,6 +217,17 @@ def head_topk_M_K(policy: Policy, hidden_M_H: torch.Tensor, temperature: float, 
                          hidden_M_H, query_ids_M_Q)
 
 
+def head_scores_M(policy: Policy, hidden_M_H: torch.Tensor, targets_M: torch.Tensor, temperature: float, k: int,
+                  query_ids_M_Q: torch.Tensor | None = None):
+    """`maths.logprobs.scores_M` through the policy's LM head (ZeRO-3 safe; no gradient): the target
+    ids' log-probs (bit-identical to `head_token_logprobs_M`), the top-k and the query ids' log-probs
+    from one pass of the head."""
+    if query_ids_M_Q is None:
+        return _through_head(policy, lambda head, h, y: scores_M(head, h, y, temperature, k), hidden_M_H, targets_M)
+    return _through_head(policy, lambda head, h, y, q: scores_M(head, h, y, temperature, k, q),
+                         hidden_M_H, targets_M, query_ids_M_Q)
+
+
 def forward_hidden(policy: Policy, input_ids, attention_mask, vision: dict | None = None) -> torch.Tensor:
     """The last hidden state [N, L, H] (what the LM head would read)."""
     kwargs = _forward_kwargs(policy, input_ids, attention_mask, vision)
@@ -331,9 +342,8 @@ def teacher_scores(policy: Policy, r: Rollout, temperature: float, k: int, query
         query_ids = query_ids.to(policy.device)
     hidden = response_hidden_M_H(policy, r)
     at = predicts_response_N_L(r)
-    sampled = head_token_logprobs_M(policy, hidden, r.input_ids[:, 1:][at], temperature)
     query = None if query_ids is None else query_ids[:, 1:][at]
-    top_ids, top_lp, query_lp = head_topk_M_K(policy, hidden, temperature, k, query)
+    sampled, top_ids, top_lp, query_lp = head_scores_M(policy, hidden, r.input_ids[:, 1:][at], temperature, k, query)
     res = {
         "sampled_logprobs": spread_N_L(sampled, r),
         "topk_ids": spread_N_L(top_ids, r),

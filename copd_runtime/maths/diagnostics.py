@@ -69,7 +69,7 @@ def alignment_M(
     given both models' hidden states there; a few rows at a time, never [M, V] at once.
     `with_mass_overlap`: also Σ min(p, q) over the union of both top-k sets (`topk_union_mass_overlap_C`,
     the quantity an OPD step logs as mass_overlap/<teacher>), as a third tensor."""
-    rows = rows or chunk_rows(student.vocab, CHUNK_BYTES // 2)  # two distributions per chunk
+    rows = rows or chunk_rows(student.vocab, CHUNK_BYTES // 2, student.weight_V_H.device)  # two distributions per chunk
     k = min(k, student.vocab)
     overlap, skl, mass = [], [], []
     for s in range(0, student_hidden_M_H.shape[0], rows):

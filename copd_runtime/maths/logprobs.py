@@ -29,6 +29,13 @@ import torch
 
 MASKED_LOGIT = -1e4  # finite, so that p·log p stays finite; as `models.vlm.mask_vision_logits`
 CHUNK_BYTES = 128 * 2**20  # one [C, V] fp32 block of logits
+# On a CPU a [C, V] block that outgrows the caches makes each pass over it (max, exp, sum, top-k)
+# run from main memory: there a chunk has at most max(CPU_MAX_ROWS, CPU_BLOCK_BYTES / 4V) rows.
+# V = 8,192: 256 rows instead of the byte budget's 4,096 (a 128 MB block; it ran the hub's head
+# 1.9x slower than 256-row chunks). A Qwen3 vocabulary gets 220 rows either way (fewer rows would
+# read the [V, H] weight once per few rows); a tiny character vocabulary keeps one chunk.
+CPU_MAX_ROWS = 256
+CPU_BLOCK_BYTES = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -45,9 +52,13 @@ class LMHead:
         return self.weight_V_H.shape[0]
 
 
-def chunk_rows(vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Rows per chunk so that one [C, V] fp32 block is about `chunk_bytes`."""
-    return max(1, chunk_bytes // (4 * vocab))
+def chunk_rows(vocab: int, chunk_bytes: int = CHUNK_BYTES, device: torch.device | str | None = None) -> int:
+    """Rows per chunk so that one [C, V] fp32 block is about `chunk_bytes` (on a CPU device: fewer for
+    a small vocabulary, see CPU_MAX_ROWS)."""
+    rows = max(1, chunk_bytes // (4 * vocab))
+    if device is not None and torch.device(device).type == "cpu":
+        rows = min(rows, max(CPU_MAX_ROWS, CPU_BLOCK_BYTES // (4 * vocab)))
+    return rows
 
 
 def head_logits_C_V(head: LMHead, hidden_C_H: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -58,7 +69,7 @@ def head_logits_C_V(head: LMHead, hidden_C_H: torch.Tensor, temperature: float) 
     z = torch.nn.functional.linear(hidden_C_H, head.weight_V_H, head.bias_V).float()
     if head.masked_ids:
         z[:, list(head.masked_ids)] = MASKED_LOGIT
-    return z.div_(temperature)
+    return z.div_(temperature) if temperature != 1.0 else z  # x / 1.0 == x: the same bits, one [C, V] pass less
 
 
 def logsumexp_destroying_C(z_C_V: torch.Tensor) -> torch.Tensor:
@@ -129,10 +140,41 @@ def token_logprobs_M(
 ) -> torch.Tensor:
     """log softmax(head(hidden) / temperature) at the target ids: [M] fp32, differentiable
     in the hidden states and the head, never holding more than a [rows, V] block."""
-    rows = rows or chunk_rows(head.vocab)
+    rows = rows or chunk_rows(head.vocab, device=head.weight_V_H.device)
     return _TokenLogprobs.apply(
         hidden_M_H, head.weight_V_H, head.bias_V, targets_M, float(temperature), tuple(head.masked_ids), rows
     )
+
+
+@torch.no_grad()
+def scores_M(
+    head: LMHead, hidden_M_H: torch.Tensor, targets_M: torch.Tensor, temperature: float, k: int,
+    query_ids_M_Q: torch.Tensor | None = None, rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What a teacher returns, from ONE pass of the head over each chunk: the log-prob of the target
+    ids [M] (bit-identical to `token_logprobs_M`'s forward: the same ops on the same chunks), the
+    top-k ids and log-probs [M, K] and the log-probs at `query_ids_M_Q` [M, Q]. No gradient.
+    (`token_logprobs_M` then `topk_logprobs_M_K` would run the head and the log-sum-exp twice.)"""
+    rows = rows or chunk_rows(head.vocab, device=head.weight_V_H.device)
+    M, k = hidden_M_H.shape[0], min(k, head.vocab)
+    dev = hidden_M_H.device
+    lp = torch.empty(M, dtype=torch.float32, device=dev)
+    ids = torch.zeros(M, k, dtype=torch.long, device=dev)
+    lps = torch.zeros(M, k, dtype=torch.float32, device=dev)
+    query = None if query_ids_M_Q is None else torch.zeros(query_ids_M_Q.shape, dtype=torch.float32, device=dev)
+    for s in range(0, M, rows):
+        z = head_logits_C_V(head, hidden_M_H[s : s + rows], temperature)
+        picked = z.gather(-1, targets_M[s : s + rows, None]).squeeze(-1)
+        top = z.topk(k, -1) if k else None
+        qpicked = None if query is None else z.gather(-1, query_ids_M_Q[s : s + rows])
+        lse = logsumexp_destroying_C(z)
+        lp[s : s + rows] = picked - lse
+        if top is not None:
+            lps[s : s + rows], ids[s : s + rows] = top.values - lse[:, None], top.indices
+        if query is not None:
+            query[s : s + rows] = qpicked - lse[:, None]
+        del z
+    return lp, ids, lps, query
 
 
 @torch.no_grad()
@@ -142,7 +184,7 @@ def topk_logprobs_M_K(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The k most likely ids and their log-probs [M, K] (k may be 0), and the log-probs
     at `query_ids_M_Q` [M, Q] when given. No gradient."""
-    rows = rows or chunk_rows(head.vocab)
+    rows = rows or chunk_rows(head.vocab, device=head.weight_V_H.device)
     M, k = hidden_M_H.shape[0], min(k, head.vocab)
     dev = hidden_M_H.device
     ids = torch.zeros(M, k, dtype=torch.long, device=dev)

@@ -43,7 +43,7 @@ from copd_runtime.maths.losses import opd_advantages_B_T
 from copd_runtime.models.policy import Policy
 from copd_runtime.recipes.grpo import policy_update, rank_share
 from copd_runtime.rollout import (
-    head_token_logprobs_M,
+    head_scores_M,
     head_topk_M_K,
     predicts_response_N_L,
     response_hidden_M_H,
@@ -88,11 +88,10 @@ def opd_step(
         sub = rollout.select(idx)
         it = torch.tensor(idx, device=rollout.device)
         at = predicts_response_N_L(sub)
-        with torch.no_grad():  # the student on these rows: π_old and its own top-k
+        with torch.no_grad():  # the student on these rows: π_old and its own top-k (one pass of the head)
             hidden = response_hidden_M_H(policy, sub)
-            rollout.old_logprobs[it] = spread_N_L(
-                head_token_logprobs_M(policy, hidden, sub.input_ids[:, 1:][at], rl.temperature), sub)
-            s_top, s_top_lp, _ = head_topk_M_K(policy, hidden, rl.temperature, k)
+            old_lp, s_top, s_top_lp, _ = head_scores_M(policy, hidden, sub.input_ids[:, 1:][at], rl.temperature, k)
+            rollout.old_logprobs[it] = spread_N_L(old_lp, sub)
         scores = {n: v.to(rollout.device) for n, v in hub.score(t, sub, k=k, query_ids=spread_N_L(s_top, sub)).items()}
         teacher_lp[it] = scores["sampled_logprobs"]
 

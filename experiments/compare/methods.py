@@ -360,13 +360,14 @@ def run_mixed(ctx: Ctx, seed: int) -> dict[str, dict]:
 
     b = ctx.branch("mixed")
     n = len(s.domains) * s.budget.cycles * s.budget.steps_per_cycle
-    skipped = 0.0
+    skipped, tokens = 0.0, 0
     for i in range(n):
         m = grpo_step(b.policy, b.optimizer, pool, s.rl, seeded(seed, "RL", "mixed", i), reward_fn)
         skipped += m["skipped"]
+        tokens += m["tokens"]
     return {"mixed_rlvr": {"eval": ctx.evaluate(b.policy), "updates": n, "rl_updates": n, "opd_updates": 0,
                            "skipped_updates": int(skipped), "rollouts": n * s.rl.batch_size * s.rl.group_size,
-                           "executor": "grpo_step"}}
+                           "sampled_tokens": tokens, "executor": "grpo_step"}}
 
 
 def job_list(spec: CompareSpec) -> list[tuple[str, int]]:

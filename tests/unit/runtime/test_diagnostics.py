@@ -117,3 +117,16 @@ def test_compact_report_fits_a_termination_message_and_keeps_what_readiness_need
     assert merge_readiness(kept, 5, 1, 0.9, 0.5)[:2] == full[:2]
     assert min(d.topk_overlap for d in kept) == pytest.approx(min(d.topk_overlap for d in rows), abs=1e-4)
     assert max(d.symmetric_kl for d in kept) == pytest.approx(max(d.symmetric_kl for d in rows), abs=1e-4)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 6])
+def test_diagnose_visits_every_direction_with_the_fewest_policy_loads(k):
+    """Two policies in memory: every direction once, and one load per pair of branches after the first
+    two (both directions of a pair while both are loaded; the next pair keeps one of them)."""
+    from copd_runtime.recipes.diagnose import loads, visiting_order
+
+    names = [f"b{i}" for i in range(k)]
+    spec_order = [(a, b) for a in names for b in names if a != b]
+    order = visiting_order(spec_order)
+    assert sorted(order) == sorted(spec_order)
+    assert loads(order) == 1 + k * (k - 1) // 2 < loads(spec_order) or k == 2

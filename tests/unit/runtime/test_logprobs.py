@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from copd_runtime.maths.diagnostics import alignment_M, symmetric_kl_B_T, topk_overlap_B_T
-from copd_runtime.maths.logprobs import MASKED_LOGIT, LMHead, chunk_rows, token_logprobs_M, topk_logprobs_M_K
+from copd_runtime.maths.logprobs import (
+    CPU_MAX_ROWS,
+    MASKED_LOGIT,
+    LMHead,
+    chunk_rows,
+    scores_M,
+    token_logprobs_M,
+    topk_logprobs_M_K,
+)
 from copd_runtime.maths.losses import token_logprobs_B_T
 from copd_runtime.recipes.grpo import micro_batches
 
@@ -110,6 +118,23 @@ def test_topk_and_query_logprobs_equal_the_naive_ones(rows):
     assert topk_logprobs_M_K(head, hidden, 1.0, 10 * V)[0].shape == (M, V)
 
 
+@pytest.mark.parametrize("rows, temperature", [(1, 0.8), (4, 1.0), (100, 0.7), (100, 1.0)])
+def test_one_pass_scores_are_the_separate_passes_bit_for_bit(rows, temperature):
+    """The hub's (and OPD's) single head pass gives exactly what the sampled-token path (π_old, the
+    update) and the top-k/query path give, so identical weights still give a zero OPD gap."""
+    g = torch.Generator().manual_seed(6)
+    head = _head(g)
+    hidden = torch.randn(M, H, generator=g)
+    targets = torch.randint(0, V, (M,), generator=g)
+    query = torch.randint(0, V, (M, 5), generator=g)
+    lp, ids, lps, q = scores_M(head, hidden, targets, temperature, 4, query, rows=rows)
+    assert torch.equal(lp, token_logprobs_M(head, hidden, targets, temperature, rows=rows))
+    ids2, lps2, q2 = topk_logprobs_M_K(head, hidden, temperature, 4, query, rows=rows)
+    assert torch.equal(ids, ids2) and torch.equal(lps, lps2) and torch.equal(q, q2)
+    lp0, ids0, lps0, none = scores_M(head, hidden, targets, temperature, 0, rows=rows)
+    assert torch.equal(lp0, lp) and ids0.shape == (M, 0) and none is None
+
+
 def test_alignment_equals_full_vocabulary_overlap_and_kl():
     g = torch.Generator().manual_seed(5)
     s_head, t_head = _head(g), _head(g)
@@ -126,8 +151,10 @@ def test_alignment_equals_full_vocabulary_overlap_and_kl():
 
 
 def test_chunk_rows_follow_the_byte_budget():
-    assert chunk_rows(151_936, 128 * 2**20) == 220
+    assert chunk_rows(151_936, 128 * 2**20) == 220 == chunk_rows(151_936, 128 * 2**20, "cpu")
     assert chunk_rows(10**9, 1) == 1
+    assert chunk_rows(8192, 128 * 2**20) == 4096 and chunk_rows(8192, 128 * 2**20, "cpu") == CPU_MAX_ROWS
+    assert chunk_rows(64, 128 * 2**20, "cpu") == 32_768  # a tiny vocabulary: 8 MB blocks
 
 
 def test_micro_batches_respect_the_token_budget():
