@@ -45,7 +45,7 @@ gpu-pins:         ## `pip install ".[gpu]"` (vllm) resolves for the CUDA image's
 builtin-models:   ## rebuild the shipped builtin base models + their SHA256SUMS.json (copd_runtime/builtin/weights)
 	.venv/bin/python -m copd_runtime.builtin.build
 
-compare:          ## the science comparison (docs/science.md; ~15-30 min on 2 cores)
+compare:          ## the science comparison, both benchmarks (docs/science.md; ~50 min on 2 idle cores)
 	.venv/bin/python -m experiments.compare examples/compare.yaml --output runs/compare --jobs 2
 	.venv/bin/python -m experiments.compare examples/compare-conflicting.yaml --output runs/compare/conflicting --jobs 2
 
