@@ -2,7 +2,7 @@
 
     copd-operator --namespace team-a [--namespace team-b] | --all-namespaces
                   [--metrics-port 9090] [--health-port 8081] [--hub-address service|pod-ip]
-                  [--trainer-command "copd"] [--workers 4] [--resync-minutes 5] [--qps 50 --burst 100]
+                  [--trainer-command "copd"] [--workers 16] [--resync-minutes 5] [--qps 200 --burst 400]
                   [--finished-job-ttl-seconds 900] [--no-network-policy]
                   [--leader-elect [--leader-election-namespace NS] [--leader-election-id NAME]]
 """
@@ -36,15 +36,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Give each run a NetworkPolicy that lets only its own trainers reach its hub "
                         "(inert where the network plugin does not enforce NetworkPolicy).")
     p.add_argument("--checkpoint-every", type=int, default=2, help="Trainers checkpoint every N steps.")
-    p.add_argument("--workers", type=int, default=4, help="Runs reconciled in parallel.")
+    p.add_argument("--workers", type=int, default=16,
+                   help="Runs reconciled in parallel (threads; a reconcile mostly waits on the apiserver).")
     p.add_argument("--resync-minutes", type=float, default=5.0,
                    help="Reconcile every known run this often even without a watch event (a safety net: "
                         "changes of the runs and their children are watched).")
     p.add_argument("--resync-seconds", type=float, default=None,
                    help="The same in seconds (overrides --resync-minutes; tests).")
-    p.add_argument("--qps", type=float, default=50.0,
+    p.add_argument("--qps", type=float, default=200.0,
                    help="Steady rate of API requests the reconciles may send (token bucket; 0: no limit).")
-    p.add_argument("--burst", type=int, default=100, help="Requests allowed at once above --qps.")
+    p.add_argument("--burst", type=int, default=400, help="Requests allowed at once above --qps.")
     p.add_argument("--finished-job-ttl-seconds", type=int, default=900,
                    help="Once a finished Job's report is in the run's status, let Kubernetes delete the Job "
                         "(and its pods) this many seconds after it finished (ttlSecondsAfterFinished). "

@@ -122,7 +122,8 @@ def test_deployment_is_hardened_single_replica_with_probes(helm_bin):
     from copd_operator.main import parse_args
 
     a = parse_args(c["args"])
-    assert a.all_namespaces and a.metrics_port == 9090 and a.health_port == 8081 and a.workers == 4
+    assert a.all_namespaces and a.metrics_port == 9090 and a.health_port == 8081 and a.workers == 16
+    assert (a.qps, a.burst) == (200, 400)  # the chart passes its values, which are the flags' defaults
     assert a.leader_elect and a.leader_election_namespace == "copd-system"
     assert a.leader_election_id == "copd-copd-operator-leader"
 
