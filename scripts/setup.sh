@@ -65,14 +65,17 @@ if [[ "${COPD_SKIP_VLLM_CLASSES:-0}" != 1 ]]; then
   want="$("$UV" export --frozen --extra gpu --no-emit-project --no-hashes --no-header --no-annotate --quiet \
     | sed 's/ *;.*//' | grep -E '^(vllm|msgspec|cbor2|pyzmq|oss-harmony|openai|sniffio|pybase64|cachetools|cloudpickle|uvloop)==' \
     | sort)"
-  if [[ ! -f .vllm-classes/PINS || "$(cat .vllm-classes/PINS)" != "$want" ]]; then
-    echo "[setup] installing vLLM's Python classes into .vllm-classes (first time: a 336 MB download)" >&2
-    rm -rf .vllm-classes.tmp
-    # shellcheck disable=SC2086  # one requirement per word
-    "$UV" pip install --quiet --no-deps --python .venv/bin/python --target .vllm-classes.tmp $want
-    echo "$want" > .vllm-classes.tmp/PINS
-    rm -rf .vllm-classes && mv .vllm-classes.tmp .vllm-classes
-  fi
+  (  # under the set-up lock: two set-ups of one clone at once must not share .vllm-classes.tmp
+    flock 9
+    if [[ ! -f .vllm-classes/PINS || "$(cat .vllm-classes/PINS)" != "$want" ]]; then
+      echo "[setup] installing vLLM's Python classes into .vllm-classes (first time: a 336 MB download)" >&2
+      rm -rf .vllm-classes.tmp
+      # shellcheck disable=SC2086  # one requirement per word
+      "$UV" pip install --quiet --no-deps --python .venv/bin/python --target .vllm-classes.tmp $want
+      echo "$want" > .vllm-classes.tmp/PINS
+      rm -rf .vllm-classes && mv .vllm-classes.tmp .vllm-classes
+    fi
+  ) 9>"$ROOT/.setup.lock"
 fi
 
 # -- 3. the Kubernetes test binaries --------------------------------------------------
