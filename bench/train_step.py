@@ -16,6 +16,14 @@ What is timed (after one warm-up of each), with the runtime's own code:
   `--peak-tflops`; null on a CPU (no reliable peak);
 - hub: `rollout.teacher_scores` (top-8) over the same rows → hub tokens/s.
 
+`--compile` compiles each decoder layer (`torch.compile`, after the rollout: generation stays eager)
+before the update and hub timings; the warm-up update's time (compilation included) is reported.
+
+`--sweep 16384,65536,65536c@512` then times one more update (after a warm-up) for each entry:
+micro-batch tokens, `c` for gradient checkpointing, `@MB` for the LM head's chunk size
+(`maths.logprobs.CHUNK_BYTES`, default 128 MB), and reports each one's update tokens/s, MFU and
+peak memory under "sweep" (the headline figures stay those of the default configuration).
+
 Peak memory: torch.cuda.max_memory_allocated on CUDA; the process's peak resident set (VmHWM) on
 a CPU. Precision: `--precision auto` (bf16 on CUDA with fp32 master weights, fp32 on CPU).
 
@@ -27,11 +35,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+import copd_runtime.maths.logprobs as logprobs
 from copd_core.spec import RLSpec
 from copd_runtime.data.examples import Example
 from copd_runtime.maths.losses import group_advantages_P_G
@@ -81,6 +91,9 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on a CPU")
+    ap.add_argument("--compile", action="store_true",
+                    help="after the rollout, compile each decoder layer (torch.compile, regional) for the update and hub")
+    ap.add_argument("--sweep", default="", help="more update configurations: TOKENS[c][@MB],... (see above)")
     a = ap.parse_args()
     place = placement(a.precision, a.device)
     cuda = place.is_cuda
@@ -131,10 +144,15 @@ def main() -> None:
     model.eval()
     r = rollout()  # warm-up
     r, rollout_s = timed(rollout)
+    compile_s = None
+    if a.compile:  # regional: the 28 layers share one compiled graph (parameters are its inputs)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for layer in model.model.layers:
+            layer.compile()
     g = torch.Generator().manual_seed(1)
     adv = group_advantages_P_G(torch.randint(0, 2, (rows // a.group, a.group), generator=g).float()).reshape(-1)
     adv = adv.to(place.device)[:, None] * r.response_mask
-    policy_update(policy, opt, r, adv, r.response_mask, rl)  # warm-up
+    _, compile_s = timed(lambda: policy_update(policy, opt, r, adv, r.response_mask, rl))  # warm-up
     stats, update_s = timed(lambda: policy_update(policy, opt, r, adv, r.response_mask, rl))
     teacher_scores(policy, r, 1.0, 8)  # warm-up
     _, hub_s = timed(lambda: teacher_scores(policy, r, 1.0, 8))
@@ -142,7 +160,9 @@ def main() -> None:
     seq_tokens = r.input_ids.numel()
     peak = peak_tflops(place.device, a.peak_tflops)
     update_flops = 6 * params * seq_tokens / update_s
-    print(json.dumps({
+    peak_mb = peak_memory_mb(place.device)
+
+    headline = {
         "device": torch.cuda.get_device_name(place.device) if cuda else "cpu", "dtype": str(place.dtype),
         "shape": shape, "params": params, "rows": rows, "prompt": P, "response": R,
         "micro_batch_tokens": micro, "gradient_checkpointing": a.checkpointing,
@@ -151,9 +171,36 @@ def main() -> None:
         "update_tflops": round(update_flops / 1e12, 4),
         "update_mfu": round(update_flops / (peak * 1e12), 4) if peak else None, "peak_tflops": peak,
         "hub_s": round(hub_s, 3), "hub_tokens_per_s": round(seq_tokens / hub_s, 1),
-        "peak_memory_mb": round(peak_memory_mb(place.device), 1), "update_skipped": stats["skipped"],
-        "threads": torch.get_num_threads(),
-    }))
+        "peak_memory_mb": round(peak_mb, 1), "update_skipped": stats["skipped"],
+        "threads": torch.get_num_threads(), "compiled": a.compile, "warmup_update_s": round(compile_s, 1),
+    }
+    if a.sweep:
+        print(json.dumps(headline), flush=True)  # the default configuration's figures, before the sweep
+    sweep = []
+    for item in filter(None, a.sweep.split(",")):
+        m = re.fullmatch(r"(\d+)(c?)(?:@(\d+))?", item.strip())
+        if not m:
+            raise SystemExit(f"--sweep {item!r}: expected TOKENS[c][@MB]")
+        logprobs.CHUNK_BYTES = int(m[3] or 128) * 2**20
+        cfg_rl = rl.model_copy(update={"micro_batch_tokens": int(m[1]), "gradient_checkpointing": bool(m[2])})
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(place.device)
+        try:
+            policy_update(policy, opt, r, adv, r.response_mask, cfg_rl)  # warm-up
+            _, s = timed(lambda c=cfg_rl: policy_update(policy, opt, r, adv, r.response_mask, c))
+        except Exception as e:  # noqa: BLE001 - one configuration failing (out of memory, say) is a result
+            sweep.append({"config": item, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+            if cuda:
+                torch.cuda.empty_cache()
+            continue
+        finally:
+            logprobs.CHUNK_BYTES = 128 * 2**20
+        f = 6 * params * seq_tokens / s
+        sweep.append({"config": item, "update_s": round(s, 3), "update_tokens_per_s": round(seq_tokens / s, 1),
+                      "update_mfu": round(f / (peak * 1e12), 4) if peak else None,
+                      "peak_memory_mb": round(peak_memory_mb(place.device), 1)})
+        print(json.dumps(sweep[-1]), flush=True)
+    print(json.dumps({**headline, "sweep": sweep}))
 
 
 if __name__ == "__main__":

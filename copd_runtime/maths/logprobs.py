@@ -52,9 +52,10 @@ class LMHead:
         return self.weight_V_H.shape[0]
 
 
-def chunk_rows(vocab: int, chunk_bytes: int = CHUNK_BYTES, device: torch.device | str | None = None) -> int:
-    """Rows per chunk so that one [C, V] fp32 block is about `chunk_bytes` (on a CPU device: fewer for
-    a small vocabulary, see CPU_MAX_ROWS)."""
+def chunk_rows(vocab: int, chunk_bytes: int | None = None, device: torch.device | str | None = None) -> int:
+    """Rows per chunk so that one [C, V] fp32 block is about `chunk_bytes` (default: this module's
+    CHUNK_BYTES, read at the call; on a CPU device: fewer for a small vocabulary, see CPU_MAX_ROWS)."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     rows = max(1, chunk_bytes // (4 * vocab))
     if device is not None and torch.device(device).type == "cpu":
         rows = min(rows, max(CPU_MAX_ROWS, CPU_BLOCK_BYTES // (4 * vocab)))
