@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a machine with one CUDA GPU (what `make bench-gpu` runs).
 #
-#   bench/gpu_check.sh OUTDIR [train|logprob|hub|demo ...]    (default: all four)
+#   bench/gpu_check.sh OUTDIR [logprob|train|train-compile|hub|demo|demo-compile ...]
+#   (default: logprob train train-compile hub demo demo-compile)
 #
 # Each check has its own time limit, writes OUTDIR/<check>.log, and a failing check does not stop
 # the others; the exit status is the number of checks that failed. Uses the python3 on PATH (or
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:?usage: bench/gpu_check.sh OUTDIR [check ...]}"
 shift
 CHECKS=("$@")
-[[ ${#CHECKS[@]} -gt 0 ]] || CHECKS=(logprob train hub demo)
+[[ ${#CHECKS[@]} -gt 0 ]] || CHECKS=(logprob train train-compile hub demo demo-compile)
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -37,12 +38,19 @@ for c in "${CHECKS[@]}"; do
   case "$c" in
     logprob) check logprob 120 "$PY" bench/logprob_memory.py --device cuda ;;
     train) check train 300 "$PY" bench/train_step.py --sweep "${COPD_TRAIN_SWEEP:-32768,16384@512,32768@512,65536c,65536c@512}" ;;
+    train-compile) check train-compile 200 "$PY" bench/train_step.py --compile --sweep "${COPD_TRAIN_SWEEP:-32768@512}" ;;
     hub) check hub 150 "$PY" bench/hub_scoring.py --hidden 1024 --layers 8 --vocab 151936 --prompt 256 --response 768 ;;
     demo)  # the demo manifest on the GPU (precision auto: bf16 there)
       rm -rf "${TMPDIR:-/tmp}/copd-gpu-demo"
       check demo 240 "$PY" -m copd_runtime.cli run examples/copdrun.yaml --output "${TMPDIR:-/tmp}/copd-gpu-demo" --no-live
       cp "${TMPDIR:-/tmp}/copd-gpu-demo/summary.json" "$OUT/demo-summary.json" 2>/dev/null
       cp "${TMPDIR:-/tmp}/copd-gpu-demo/status.json" "$OUT/demo-status.json" 2>/dev/null ;;
+    demo-compile)  # the same with trainer.compile: true
+      rm -rf "${TMPDIR:-/tmp}/copd-gpu-demo-c"
+      sed -e 's/^  trainer:$/  trainer:\n    compile: true/' examples/copdrun.yaml >"$OUT/demo-compile.yaml"
+      grep -q "compile: true" "$OUT/demo-compile.yaml" || { echo "demo-compile: no trainer section"; failed=$((failed + 1)); continue; }
+      check demo-compile 200 "$PY" -m copd_runtime.cli run "$OUT/demo-compile.yaml" --output "${TMPDIR:-/tmp}/copd-gpu-demo-c" --no-live
+      cp "${TMPDIR:-/tmp}/copd-gpu-demo-c/summary.json" "$OUT/demo-compile-summary.json" 2>/dev/null ;;
     *) echo "unknown check: $c" >&2; failed=$((failed + 1)) ;;
   esac
 done

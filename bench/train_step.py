@@ -16,8 +16,9 @@ What is timed (after one warm-up of each), with the runtime's own code:
   `--peak-tflops`; null on a CPU (no reliable peak);
 - hub: `rollout.teacher_scores` (top-8) over the same rows → hub tokens/s.
 
-`--compile` compiles each decoder layer (`torch.compile`, after the rollout: generation stays eager)
-before the update and hub timings; the warm-up update's time (compilation included) is reported.
+`--compile` compiles each decoder layer as `trainer.compile` does (`models.compile`: the update's and
+π_old's forwards compiled, generation eager; the hub figure then also runs on the compiled blocks,
+which a `copd hub` process does not); the warm-up update's time (compilation included) is reported.
 
 `--sweep 16384,65536,65536c@512` then times one more update (after a warm-up) for each entry:
 micro-batch tokens, `c` for gradient checkpointing, `@MB` for the LM head's chunk size
@@ -45,6 +46,7 @@ import copd_runtime.maths.logprobs as logprobs
 from copd_core.spec import RLSpec
 from copd_runtime.data.examples import Example
 from copd_runtime.maths.losses import group_advantages_P_G
+from copd_runtime.models.compile import compile_blocks, eager_blocks
 from copd_runtime.models.device import placement
 from copd_runtime.models.optim import make_optimizer
 from copd_runtime.models.policy import Policy
@@ -92,7 +94,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on a CPU")
     ap.add_argument("--compile", action="store_true",
-                    help="after the rollout, compile each decoder layer (torch.compile, regional) for the update and hub")
+                    help="compile each decoder layer (torch.compile, regional) as trainer.compile does")
     ap.add_argument("--sweep", default="", help="more update configurations: TOKENS[c][@MB],... (see above)")
     a = ap.parse_args()
     place = placement(a.precision, a.device)
@@ -123,7 +125,7 @@ def main() -> None:
     def rollout() -> Rollout:
         prompt = torch.randint(0, cfg.vocab_size, (rows, P), device=place.device)
         mask = torch.ones_like(prompt)
-        with torch.no_grad():
+        with torch.no_grad(), eager_blocks(model):  # as `rollout.sample` does
             out = model.generate(input_ids=prompt, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
                                  max_new_tokens=R, min_new_tokens=R, eos_token_id=None, pad_token_id=0)
         resp = torch.zeros(out.shape, device=place.device)
@@ -141,14 +143,10 @@ def main() -> None:
         sync()
         return out, time.perf_counter() - t0
 
+    compiled = compile_blocks(model) if a.compile else 0  # as `trainer.compile` does
     model.eval()
     r = rollout()  # warm-up
     r, rollout_s = timed(rollout)
-    compile_s = None
-    if a.compile:  # regional: the 28 layers share one compiled graph (parameters are its inputs)
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        for layer in model.model.layers:
-            layer.compile()
     g = torch.Generator().manual_seed(1)
     adv = group_advantages_P_G(torch.randint(0, 2, (rows // a.group, a.group), generator=g).float()).reshape(-1)
     adv = adv.to(place.device)[:, None] * r.response_mask
@@ -172,7 +170,7 @@ def main() -> None:
         "update_mfu": round(update_flops / (peak * 1e12), 4) if peak else None, "peak_tflops": peak,
         "hub_s": round(hub_s, 3), "hub_tokens_per_s": round(seq_tokens / hub_s, 1),
         "peak_memory_mb": round(peak_mb, 1), "update_skipped": stats["skipped"],
-        "threads": torch.get_num_threads(), "compiled": a.compile, "warmup_update_s": round(compile_s, 1),
+        "threads": torch.get_num_threads(), "compiled_blocks": compiled, "warmup_update_s": round(compile_s, 1),
     }
     if a.sweep:
         print(json.dumps(headline), flush=True)  # the default configuration's figures, before the sweep

@@ -395,6 +395,12 @@ class TrainerSpec(_Model):
         "the whole model); 3 shards the weights too (each process holds 1/N of them, gathered module by "
         "module for each forward and backward: less memory, more communication).",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the trainer model's repeated blocks (decoder layers) for the update and "
+        "pi_old (generation stays eager): fuses the elementwise work between matmuls. The first update of "
+        "each stage pays the compilation (seconds to a minute).",
+    )
     pod_labels: dict[str, str] = Field(
         default_factory=dict, max_length=64,
         description="Labels added to every pod of the run (cost centres, policy selectors). Keys under "

@@ -27,6 +27,7 @@ import torch
 
 from copd_runtime.data.examples import Example
 from copd_runtime.maths.logprobs import LMHead, scores_M, token_logprobs_M, topk_logprobs_M_K
+from copd_runtime.models.compile import eager_blocks
 from copd_runtime.models.policy import Policy
 from copd_runtime.models.vlm import (
     encode_vlm_prompts,
@@ -292,7 +293,14 @@ def _generate(policy: Policy, examples: list[Example], max_new_tokens: int, temp
     if policy.is_vlm:  # token types for M-RoPE; never sample vision special tokens (see forward_logits)
         gen_kwargs["mm_token_type_ids"] = mm_token_type_ids(policy.model.config, prompt_ids)
         gen_kwargs["suppress_tokens"] = list(vision_token_ids(policy.model.config).values())
-    out = policy.model.generate(
+    with eager_blocks(policy.model):  # `trainer.compile`: blocks are compiled for fixed-shape forwards only
+        out = _generate_ids(policy, prompt_ids, prompt_mask, gen_kwargs, max_new_tokens, temperature, greedy)
+    return assemble_rollout(policy, examples, prompt_ids, prompt_mask, out[:, prompt_ids.shape[1]:], enc)
+
+
+def _generate_ids(policy: Policy, prompt_ids, prompt_mask, gen_kwargs: dict, max_new_tokens: int,
+                  temperature: float, greedy: bool) -> torch.Tensor:
+    return policy.model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         **gen_kwargs,
@@ -306,7 +314,6 @@ def _generate(policy: Policy, examples: list[Example], max_new_tokens: int, temp
         synced_gpus=_partitioned(policy.model) and torch.distributed.is_initialized()
         and torch.distributed.get_world_size() > 1,
     )
-    return assemble_rollout(policy, examples, prompt_ids, prompt_mask, out[:, prompt_ids.shape[1]:], enc)
 
 
 def assemble_rollout(policy: Policy, examples: list[Example], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,

@@ -31,6 +31,7 @@ from copd_runtime.data.datasets import load_dataset
 from copd_runtime.data.examples import Dataset
 from copd_runtime.model_uri import resolve_model_dir
 from copd_runtime.models import distributed
+from copd_runtime.models.compile import compile_blocks
 from copd_runtime.models.device import Placement, placement
 from copd_runtime.models.distributed import ZeroOptimizer
 from copd_runtime.models.optim import make_optimizer
@@ -116,6 +117,8 @@ def run_branch_stage(
     place = place or placement(spec.trainer.precision)
     distributed.init(place)  # under torchrun: join the other ranks (a no-op in one process)
     policy = load_policy(start_dir, spec.base_model.kind, place)
+    if spec.trainer.compile:
+        compile_blocks(policy.model)
     if spec.rollout.engine == RolloutEngine.VLLM:  # sampling through a vLLM engine on this process's GPU
         from copd_runtime.vllm_engine import MAX_LOGPROBS, ColocatedEngine
 
