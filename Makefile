@@ -1,5 +1,5 @@
 # The few commands a person needs. See README.md.
-.PHONY: gpu-pins setup demo test test-fast chaos test-kueue cluster-up cluster-down crds lint compare scale builtin-models
+.PHONY: bench-gpu gpu-pins setup demo test test-fast chaos test-kueue cluster-up cluster-down crds lint compare scale builtin-models
 
 UV := $(or $(wildcard $(HOME)/.cache/copd-operator/tools/uv-*/bin/uv),uv)
 
@@ -53,5 +53,8 @@ observe-demo:     ## Prometheus + Alertmanager fire CoPDTopKOverlapCollapse for 
 	scripts/observe-demo.sh
 
 RUNS ?= 1000
+bench-gpu:        ## every GPU check on this machine's CUDA GPU (bench/gpu_check.sh; ~8 min on an H200; logs in runs/gpu-check)
+	PYTHON=.venv/bin/python bench/gpu_check.sh runs/gpu-check
+
 scale:            ## fleet benchmark: RUNS (1000) CoPDRuns at once on the KWOK cluster, one operator (README "Running many runs")
 	.venv/bin/python -m bench.operator_scale --runs $(RUNS)

@@ -178,9 +178,12 @@ class BatchingScorer:
             return len(self._queue)
 
     def close(self) -> None:
+        """Stop the worker after the forward it is running, and wait for it."""
         with self._cv:
             self._stop = True
             self._cv.notify_all()
+        if self._worker.is_alive() and self._worker is not threading.current_thread():
+            self._worker.join()
 
     def score(self, teacher: str, rollout: Rollout, k: int, query_ids: torch.Tensor | None = None):
         if teacher not in self.hub.teacher_dirs:
