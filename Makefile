@@ -45,7 +45,7 @@ gpu-pins:         ## `pip install ".[gpu]"` (vllm) resolves for the CUDA image's
 builtin-models:   ## rebuild the shipped builtin base models + their SHA256SUMS.json (copd_runtime/builtin/weights)
 	.venv/bin/python -m copd_runtime.builtin.build
 
-compare:          ## the science comparison, both benchmarks (docs/science.md; ~50 min on 2 idle cores)
+compare:          ## the science comparison, both benchmarks (docs/science.md; ~21 min on 2 idle cores)
 	.venv/bin/python -m experiments.compare examples/compare.yaml --output runs/compare --jobs 2
 	.venv/bin/python -m experiments.compare examples/compare-conflicting.yaml --output runs/compare/conflicting --jobs 2
 
@@ -53,7 +53,7 @@ observe-demo:     ## Prometheus + Alertmanager fire CoPDTopKOverlapCollapse for 
 	scripts/observe-demo.sh
 
 RUNS ?= 1000
-bench-gpu:        ## every GPU check on this machine's CUDA GPU (bench/gpu_check.sh; ~8 min on an H200; logs in runs/gpu-check)
+bench-gpu:        ## every GPU check on this machine's CUDA GPU (bench/gpu_check.sh; ~9 min on an H200; logs in runs/gpu-check)
 	PYTHON=.venv/bin/python bench/gpu_check.sh runs/gpu-check
 
 scale:            ## fleet benchmark: RUNS (1000) CoPDRuns at once on the KWOK cluster, one operator (README "Running many runs")
