@@ -38,6 +38,8 @@
 #                         GC controllers; bench/operator_scale.py needs more, README "Running many runs")
 #   COPD_CM_JOB_SYNCS [5]  (kube-controller-manager --concurrent-job-syncs and
 #                         --concurrent-ttl-after-finished-syncs: Jobs it syncs at once; the fleet bench needs more)
+#   COPD_KWOK_POD_PARALLELISM [4]  (KWOK's podPlayStageParallelism: pod stages it plays at once, each a
+#                         PATCH to the apiserver; 4 caps a 1,000-run fleet at a few pod updates per second)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -165,6 +167,28 @@ contexts:
 current-context: copd-local
 EOF
   mv "$1.tmp" "$1"
+}
+
+# KWOK's configuration. A configuration file replaces KWOK's built-in defaults instead of adding to
+# them (v0.8.0: an option the file leaves out is zero, e.g. no pod CIDR, no lease workers), so every
+# option KWOK defaults is written here with KWOK's own default value; only podPlayStageParallelism
+# can differ (COPD_KWOK_POD_PARALLELISM). Flags on the command line still override the file.
+kwok_config() {
+  cat <<EOF
+apiVersion: config.kwok.x-k8s.io/v1alpha1
+kind: KwokConfiguration
+options:
+  cidr: 10.0.0.0/24
+  enableDebuggingHandlers: true
+  enableContentionProfiling: false
+  enableProfilingHandler: true
+  podPlayStageParallelism: ${COPD_KWOK_POD_PARALLELISM:-4}
+  nodePlayStageParallelism: 4
+  nodeLeaseParallelism: 4
+  podsOnNodeSyncParallelism: 1
+  enablePodsOnNodeSyncListPager: true
+  enablePodsOnNodeSyncStreamWatch: false
+EOF
 }
 
 kwok_nodes_yaml() {
@@ -387,7 +411,8 @@ provisioner: copd.io/procnode
 reclaimPolicy: Delete
 volumeBindingMode: Immediate
 EOF
-  start kwok "$KWOK_PORT" "$KWOK_BIN/kwok" --kubeconfig "$ST/kubeconfig" --config /dev/null \
+  kwok_config >"$ST/kwok.yaml"
+  start kwok "$KWOK_PORT" "$KWOK_BIN/kwok" --kubeconfig "$ST/kubeconfig" --config "$ST/kwok.yaml" \
     --manage-all-nodes=false --manage-nodes-with-label-selector type=kwok \
     --enable-crds Stage --server-address "127.0.0.1:$KWOK_PORT" --node-lease-duration-seconds 40
 
