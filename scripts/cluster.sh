@@ -191,6 +191,15 @@ options:
 EOF
 }
 
+# a running KWOK keeps its configuration: the file is written only when KWOK starts
+start_kwok() {
+  alive kwok && return 0
+  kwok_config >"$ST/kwok.yaml"
+  start kwok "$KWOK_PORT" "$KWOK_BIN/kwok" --kubeconfig "$ST/kubeconfig" --config "$ST/kwok.yaml" \
+    --manage-all-nodes=false --manage-nodes-with-label-selector type=kwok \
+    --enable-crds Stage --server-address "127.0.0.1:$KWOK_PORT" --node-lease-duration-seconds 40
+}
+
 kwok_nodes_yaml() {
   local i
   for ((i = 0; i < KWOK_NODES; i++)); do
@@ -411,10 +420,7 @@ provisioner: copd.io/procnode
 reclaimPolicy: Delete
 volumeBindingMode: Immediate
 EOF
-  kwok_config >"$ST/kwok.yaml"
-  start kwok "$KWOK_PORT" "$KWOK_BIN/kwok" --kubeconfig "$ST/kubeconfig" --config "$ST/kwok.yaml" \
-    --manage-all-nodes=false --manage-nodes-with-label-selector type=kwok \
-    --enable-crds Stage --server-address "127.0.0.1:$KWOK_PORT" --node-lease-duration-seconds 40
+  start_kwok
 
   start_kueue
 
@@ -488,7 +494,13 @@ cmd_restart() {
       stop kube-controller-manager
       start_controller_manager
       wait_for kube-controller-manager 90 healthz "$CM_PORT" ;;
-    *) die "usage: $0 restart kube-apiserver|kube-controller-manager" ;;
+    kwok)  # e.g. with another COPD_KWOK_POD_PARALLELISM
+      alive kwok || die "kwok is not running (scripts/cluster.sh up)"
+      bindirs
+      stop kwok
+      start_kwok
+      wait_for kwok 60 curl -fsS "http://127.0.0.1:$KWOK_PORT/healthz" ;;
+    *) die "usage: $0 restart kube-apiserver|kube-controller-manager|kwok" ;;
   esac
   log "$1 restarted"
 }
