@@ -6,13 +6,15 @@ compiled one. The blocks share their code, so TorchDynamo traces it once and eve
 the graph (the parameters are the graph's inputs); the chunked LM head (`maths.logprobs`) stays
 eager. What it buys is fused elementwise work (RMSNorm, rotary, SiLU·up, residual adds), which
 eager PyTorch runs as one memory-bound kernel per op: a Qwen3-1.7B-shaped bf16 update went from
-28% to 42% MFU on one H200 (`bench/train_step.py --compile`, docs/bench/h200-2026-11-27).
+28% to 41% MFU on one H200 (`bench/train_step.py --compile`, docs/bench/h200-2026-11-27).
 
 Compiled blocks serve the forward passes of fixed shape: the update (forward and backward) and
 π_old. `generate()` calls the blocks with a KV cache and one new token per step, a different
 graph at every length, so `eager_blocks` puts the eager `forward` back for the time of a
-generation. The first update pays the compilation (13 s for the 1.7B model on an H200, about
-20 s for the tiny CPU demo model); Inductor needs a C compiler (the trainer image has gcc).
+generation. The first update pays the compilation (12 s for the 1.7B model on an H200); a model
+whose shapes change from step to step (the tiny demo's short, varying responses) recompiles more
+than it gains (the demo: 43 s eager, 130 s compiled on the H200). Inductor needs a C compiler (the
+trainer image has gcc).
 """
 
 from __future__ import annotations
