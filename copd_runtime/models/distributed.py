@@ -22,6 +22,7 @@ On a CPU, `DS_ACCELERATOR=cpu` and the gloo backend run the same code (the tests
 
 from __future__ import annotations
 
+import atexit
 import os
 from pathlib import Path
 
@@ -54,6 +55,19 @@ def init(place: Placement) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if place.is_cuda else "gloo")
+    atexit.register(_leave)
+
+
+def _leave() -> None:
+    """At this process's exit: destroy its process group. Left to the interpreter's teardown, the
+    group's background threads are destroyed still running, and C++ aborts the process ("terminate
+    called without an active exception", SIGABRT): a rank that finished first then exits with -6 and
+    torchrun kills its peers, though all the work was done."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - at exit, nothing to do about a failed teardown
+            pass
 
 
 def all_sum(x: float | torch.Tensor) -> torch.Tensor:
