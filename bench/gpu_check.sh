@@ -31,6 +31,13 @@ check() {  # name, limit in seconds, command...
   [[ $rc -eq 0 ]] || failed=$((failed + 1))
 }
 
+demo() {  # name, manifest: `copd run` to the end, its summary copied to OUTDIR/<name>-summary.json
+  local name=$1 dir="${TMPDIR:-/tmp}/copd-gpu-$1"
+  rm -rf "$dir"
+  check "$name" 240 "$PY" -m copd_runtime.cli run "$2" --output "$dir" --no-live
+  cp "$dir/summary.json" "$OUT/$name-summary.json" 2>/dev/null
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())'
 
@@ -40,17 +47,11 @@ for c in "${CHECKS[@]}"; do
     train) check train 300 "$PY" bench/train_step.py --sweep "${COPD_TRAIN_SWEEP:-32768,16384@512,32768@512,65536c,65536c@512}" ;;
     train-compile) check train-compile 200 "$PY" bench/train_step.py --compile --sweep "${COPD_TRAIN_SWEEP:-32768@512}" ;;
     hub) check hub 150 "$PY" bench/hub_scoring.py --hidden 1024 --layers 8 --vocab 151936 --prompt 256 --response 768 ;;
-    demo)  # the demo manifest on the GPU (precision auto: bf16 there)
-      rm -rf "${TMPDIR:-/tmp}/copd-gpu-demo"
-      check demo 240 "$PY" -m copd_runtime.cli run examples/copdrun.yaml --output "${TMPDIR:-/tmp}/copd-gpu-demo" --no-live
-      cp "${TMPDIR:-/tmp}/copd-gpu-demo/summary.json" "$OUT/demo-summary.json" 2>/dev/null
-      cp "${TMPDIR:-/tmp}/copd-gpu-demo/status.json" "$OUT/demo-status.json" 2>/dev/null ;;
+    demo) demo demo examples/copdrun.yaml ;;  # precision auto: bf16 on the GPU
     demo-compile)  # the same with trainer.compile: true
-      rm -rf "${TMPDIR:-/tmp}/copd-gpu-demo-c"
       sed -e 's/^  trainer:$/  trainer:\n    compile: true/' examples/copdrun.yaml >"$OUT/demo-compile.yaml"
       grep -q "compile: true" "$OUT/demo-compile.yaml" || { echo "demo-compile: no trainer section"; failed=$((failed + 1)); continue; }
-      check demo-compile 200 "$PY" -m copd_runtime.cli run "$OUT/demo-compile.yaml" --output "${TMPDIR:-/tmp}/copd-gpu-demo-c" --no-live
-      cp "${TMPDIR:-/tmp}/copd-gpu-demo-c/summary.json" "$OUT/demo-compile-summary.json" 2>/dev/null ;;
+      demo demo-compile "$OUT/demo-compile.yaml" ;;
     *) echo "unknown check: $c" >&2; failed=$((failed + 1)) ;;
   esac
 done

@@ -174,12 +174,12 @@ def main() -> None:
     }
     if a.sweep:
         print(json.dumps(headline), flush=True)  # the default configuration's figures, before the sweep
-    sweep = []
+    sweep, default_chunk = [], logprobs.CHUNK_BYTES
     for item in filter(None, a.sweep.split(",")):
         m = re.fullmatch(r"(\d+)(c?)(?:@(\d+))?", item.strip())
         if not m:
             raise SystemExit(f"--sweep {item!r}: expected TOKENS[c][@MB]")
-        logprobs.CHUNK_BYTES = int(m[3] or 128) * 2**20
+        logprobs.CHUNK_BYTES = int(m[3]) * 2**20 if m[3] else default_chunk
         cfg_rl = rl.model_copy(update={"micro_batch_tokens": int(m[1]), "gradient_checkpointing": bool(m[2])})
         if cuda:
             torch.cuda.reset_peak_memory_stats(place.device)
@@ -192,7 +192,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
             continue
         finally:
-            logprobs.CHUNK_BYTES = 128 * 2**20
+            logprobs.CHUNK_BYTES = default_chunk
         f = 6 * params * seq_tokens / s
         sweep.append({"config": item, "update_s": round(s, 3), "update_tokens_per_s": round(seq_tokens / s, 1),
                       "update_mfu": round(f / (peak * 1e12), 4) if peak else None,

@@ -294,26 +294,21 @@ def _generate(policy: Policy, examples: list[Example], max_new_tokens: int, temp
         gen_kwargs["mm_token_type_ids"] = mm_token_type_ids(policy.model.config, prompt_ids)
         gen_kwargs["suppress_tokens"] = list(vision_token_ids(policy.model.config).values())
     with eager_blocks(policy.model):  # `trainer.compile`: blocks are compiled for fixed-shape forwards only
-        out = _generate_ids(policy, prompt_ids, prompt_mask, gen_kwargs, max_new_tokens, temperature, greedy)
+        out = policy.model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            **gen_kwargs,
+            do_sample=not greedy,
+            temperature=temperature if not greedy else None,
+            top_k=0 if not greedy else None,
+            top_p=1.0 if not greedy else None,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=policy.eos_id,
+            pad_token_id=policy.pad_id,
+            synced_gpus=_partitioned(policy.model) and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1,
+        )
     return assemble_rollout(policy, examples, prompt_ids, prompt_mask, out[:, prompt_ids.shape[1]:], enc)
-
-
-def _generate_ids(policy: Policy, prompt_ids, prompt_mask, gen_kwargs: dict, max_new_tokens: int,
-                  temperature: float, greedy: bool) -> torch.Tensor:
-    return policy.model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        **gen_kwargs,
-        do_sample=not greedy,
-        temperature=temperature if not greedy else None,
-        top_k=0 if not greedy else None,
-        top_p=1.0 if not greedy else None,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=policy.eos_id,
-        pad_token_id=policy.pad_id,
-        synced_gpus=_partitioned(policy.model) and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1,
-    )
 
 
 def assemble_rollout(policy: Policy, examples: list[Example], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
