@@ -1,5 +1,5 @@
 # The few commands a person needs. See README.md.
-.PHONY: bench-gpu gpu-pins setup demo test test-fast chaos test-kueue cluster-up cluster-down crds lint compare scale builtin-models
+.PHONY: bench-gpu gpu-pins setup demo test test-fast chaos test-kueue cluster-up cluster-down crds lint compare compare-verify scale builtin-models
 
 UV := $(or $(wildcard $(HOME)/.cache/copd-operator/tools/uv-*/bin/uv),uv)
 
@@ -48,6 +48,9 @@ builtin-models:   ## rebuild the shipped builtin base models + their SHA256SUMS.
 compare:          ## the science comparison, both benchmarks (docs/science.md; ~21 min on 2 idle cores)
 	.venv/bin/python -m experiments.compare examples/compare.yaml --output runs/compare --jobs 2
 	.venv/bin/python -m experiments.compare examples/compare-conflicting.yaml --output runs/compare/conflicting --jobs 2
+
+compare-verify:   ## rerun both benchmarks and check them against docs/science (WORKERS=nproc; ~21 min on 2 cores)
+	scripts/compare-verify.sh runs/compare-verify $(WORKERS)
 
 observe-demo:     ## Prometheus + Alertmanager fire CoPDTopKOverlapCollapse for a diverging run (README "Observe")
 	scripts/observe-demo.sh

@@ -11,6 +11,7 @@ job restarts from scratch). Then `report.py` aggregates and plots.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def run_comparison(spec: CompareSpec, out: Path, jobs: int = 1, log=print, pilot
                 save(*f.result())
     wall = time.monotonic() - t0
     return write_report(spec, out, base_eval(spec, out), wall_seconds=wall, provenance=base_provenance(spec),
-                        eval_overlap=eval_overlap(spec, storage))
+                        eval_overlap=eval_overlap(spec, storage), kernels=kernels())
 
 
 def restrict(spec: CompareSpec, only: list[str]) -> CompareSpec:
@@ -117,6 +118,14 @@ def restrict(spec: CompareSpec, only: list[str]) -> CompareSpec:
         raise SystemExit(f"--only: {unknown} are not methods of this spec ({spec.method_names()})")
     return spec.model_copy(update={"methods": [m for m in spec.methods if m in only],
                                    "ratios": [r for r in spec.ratios if ratio_name(r) in only]})
+
+
+def kernels() -> dict:
+    """What chose the CPU kernels of this machine's jobs (the numbers are identical only where these are)."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    return {"mkl_cbwr": os.environ.get("MKL_CBWR", "AUTO"), "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "cpu": model}
 
 
 def base_provenance(spec: CompareSpec) -> dict:

@@ -118,7 +118,8 @@ def aggregate_pilot(spec: CompareSpec, out: Path) -> dict | None:
 
 
 def write_report(spec: CompareSpec, out: Path, base: dict[str, float], wall_seconds: float | None = None,
-                 provenance: dict | None = None, eval_overlap: dict | None = None) -> dict:
+                 provenance: dict | None = None, eval_overlap: dict | None = None,
+                 kernels: dict | None = None) -> dict:
     out = Path(out)
     methods = aggregate(spec, out)
     plots = [plot_scores(spec, methods, base, out / "scores.png")]
@@ -148,6 +149,8 @@ def write_report(spec: CompareSpec, out: Path, base: dict[str, float], wall_seco
                    "total_updates": len(spec.domains) * spec.budget.cycles * spec.budget.steps_per_cycle},
         "methods": methods, "plots": [p.name for p in plots], "wall_seconds": wall_seconds,
     }
+    if kernels:
+        doc["kernels"] = kernels
     (out / "comparison.json").write_text(json.dumps(doc, indent=2))
     (out / "comparison.md").write_text(markdown(spec, doc, pilot, out))
     return doc
