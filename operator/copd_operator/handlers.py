@@ -5,6 +5,7 @@ claims) are watched by the operator's informers (io/informer.py) with a server-s
 (`copd.io/run`), which feed the index the reconciles read and enqueue the run a child belongs to;
 kopf's own `labels=` filters are applied client-side, after the apiserver has sent every object.
 A run's status write by the reconcile itself comes back as a watch event: skipped (`Reconciler.wrote`).
+Every event's object also goes into the index, from which the reconcile reads its run (no GET).
 
 No handler changes any object, so kopf writes nothing to CoPDRuns (no finalizer,
 no progress annotations); the reconcile itself lives in reconcile.py and runs on
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import kopf
 
+from copd_operator.io.informer import RUN_KIND
 from copd_operator.logic.naming import (
     GROUP,
     KUEUE_GROUP,
@@ -77,9 +79,15 @@ def cleanup(memo: kopf.Memo, **_) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, RUN_PLURAL)
-def run_event(type: str | None, name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, **_) -> None:
+def run_event(type: str | None, name: str, namespace: str, body: kopf.Body, memo: kopf.Memo,
+              event: dict | None = None, **_) -> None:
     rt = runtime_of(memo)
     key = (namespace, name)
+    index = getattr(rt.reconciler.apis, "index", None)
+    raw = (event or {}).get("object")
+    if index is not None and isinstance(raw, dict) and (raw.get("metadata") or {}).get("name"):
+        # the reconcile reads its run from here (no GET); an older copy than the one held is ignored
+        (index.remove if type == "DELETED" else index.upsert)(RUN_KIND, raw)
     if type == "DELETED":
         rt.reconciler.metrics.forget_run(namespace, name)
         rt.queue.add(key, delay=1.0)  # a reconcile racing the delete sees 404, forgets series and key

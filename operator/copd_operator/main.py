@@ -4,6 +4,7 @@
                   [--metrics-port 9090] [--health-port 8081] [--hub-address service|pod-ip]
                   [--trainer-command "copd"] [--workers 16] [--resync-minutes 5] [--qps 200 --burst 400]
                   [--finished-job-ttl-seconds 900] [--no-network-policy]
+                  [--malloc-arenas 2] [--malloc-trim-seconds 30]
                   [--leader-elect [--leader-election-namespace NS] [--leader-election-id NAME]]
 """
 
@@ -50,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Once a finished Job's report is in the run's status, let Kubernetes delete the Job "
                         "(and its pods) this many seconds after it finished (ttlSecondsAfterFinished). "
                         "-1: keep finished Jobs until the run is deleted.")
+    p.add_argument("--malloc-arenas", type=int, default=2,
+                   help="At most this many glibc malloc arenas (M_ARENA_MAX; 0: glibc's default, 8 per core). "
+                        "Freed memory of many threads' arenas otherwise stays resident.")
+    p.add_argument("--malloc-trim-seconds", type=float, default=30.0,
+                   help="Give freed heap pages back to the kernel this often (malloc_trim; 0: never).")
     p.add_argument("--pod-env", action="append", default=[], metavar="NAME=VALUE",
                    help="Extra environment for every pod the operator makes (repeatable).")
     p.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=False,
@@ -64,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    from copd_operator.control import memory
+
+    memory.limit_arenas(a.malloc_arenas)  # before any thread exists
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not a.verbose:
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                             finished_job_ttl_s=None if a.finished_job_ttl_seconds < 0 else a.finished_job_ttl_seconds)
     rt = OperatorRuntime(queue=queue, reconciler=reconciler, worker_count=a.workers, resync_s=resync_s,
                          elector=_elector(a, client.ApiClient()) if a.leader_elect else None)
+    trimmer = memory.Trimmer(a.malloc_trim_seconds).start()
     if a.health_port is not None:
         from copd_operator.control import health
 
@@ -131,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         rt.shutdown()
         writers.shutdown(wait=True)
         stop_informers.set()
+        trimmer.stop()
     return 0
 
 

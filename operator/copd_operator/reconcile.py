@@ -47,6 +47,7 @@ from copd_core.metrics import CoPDMetrics
 from copd_core.spec import SpecError
 from copd_operator.io.act import NameConflict, apply_ops, create, patch_run_conditions, write_run_status
 from copd_operator.io.gather import Apis, gather, read_run
+from copd_operator.io.informer import RUN_KIND
 from copd_operator.logic.builders import R_NAME_CONFLICT, OperatorConfig, RunRef, build_event
 from copd_operator.logic.cleanup import finished_job_cleanup
 from copd_operator.logic.lenient import parse_lenient
@@ -178,8 +179,8 @@ class Reconciler:
             return
         conds = set_condition(status.conditions, COND_RECONCILE_ERROR, "True", reason, message, now, gen)
         try:
-            patch_run_conditions(self.apis, md["namespace"], md["name"],
-                                 [c.model_dump(by_alias=True, mode="json") for c in conds])
+            self._remember_run(patch_run_conditions(self.apis, md["namespace"], md["name"],
+                                                    [c.model_dump(by_alias=True, mode="json") for c in conds]))
         except Exception as e:  # noqa: BLE001 - the error itself is what matters; the queue retries
             log.warning("cannot record reconcile error on %s/%s: %s", md["namespace"], md["name"], e)
         run = RunRef(md["name"], md["namespace"], md["uid"], None)  # type: ignore[arg-type]
@@ -192,8 +193,8 @@ class Reconciler:
         md = obj["metadata"]
         conds = set_condition(status.conditions, COND_RECONCILE_ERROR, "False", R_RECONCILED,
                               f"recovered from {prev.reason}", now, gen)
-        patch_run_conditions(self.apis, md["namespace"], md["name"],
-                             [c.model_dump(by_alias=True, mode="json") for c in conds])
+        self._remember_run(patch_run_conditions(self.apis, md["namespace"], md["name"],
+                                                [c.model_dump(by_alias=True, mode="json") for c in conds]))
         run = RunRef(md["name"], md["namespace"], md["uid"], None)  # type: ignore[arg-type]
         self._events(run, [Event("Normal", R_RECONCILED, f"recovered from {prev.reason}: {prev.message}")], now)
 
@@ -211,6 +212,7 @@ class Reconciler:
                         else None
                     if rv:
                         self._written[(md["namespace"], md["name"])] = rv
+                    self._remember_run(res)
                     break
                 except ApiException as e:
                     if e.status != 409:
@@ -219,9 +221,17 @@ class Reconciler:
                     else None
                 if fresh is None or fresh["metadata"].get("generation") != md.get("generation") or \
                         (fresh.get("status") or {}) != old or fresh["metadata"].get("uid") != md.get("uid"):
+                    if getattr(self.apis, "index", None) is not None:  # decide again from what the apiserver has, not the cache
+                        self.apis.index.forget(RUN_KIND, md["namespace"], md["name"])
                     raise Conflict(f"{md['namespace']}/{md['name']}") from None
                 obj = {**obj, "metadata": fresh["metadata"]}
         self.metrics.set_status(md["namespace"], md["name"], body)
+
+    def _remember_run(self, obj) -> None:
+        """The apiserver's answer to our write of the run: the newest copy, for the next reconcile to read."""
+        index = getattr(self.apis, "index", None)
+        if index is not None and isinstance(obj, dict):
+            index.remember(RUN_KIND, obj)
 
     def _events(self, run: RunRef, actions: list, now: datetime) -> None:
         n = 0

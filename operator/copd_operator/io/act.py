@@ -203,8 +203,8 @@ def write_run_status(apis: Apis, run: dict, status: dict) -> dict:
                                                                md["name"], body)
 
 
-def patch_run_conditions(apis: Apis, namespace: str, name: str, conditions: list[dict]) -> None:
+def patch_run_conditions(apis: Apis, namespace: str, name: str, conditions: list[dict]) -> dict:
     """Merge-patch the run's status.conditions (the whole list), without a resourceVersion: how a reconcile
-    that raised after its status write records the error (reconcile.py)."""
-    apis.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, RUN_PLURAL, name,
+    that raised after its status write records the error (reconcile.py). Returns the patched run."""
+    return apis.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, RUN_PLURAL, name,
                                                       {"status": {"conditions": conditions}})

@@ -5,7 +5,8 @@ very object (uid), so a run deleted and re-created under the same name never
 sees its predecessor's children while the garbage collector removes them.
 
 Where they come from: the informers' index (io/informer.py, fed by watches) once it
-has synced, so a steady-state reconcile makes one GET (the run) and no LIST; before
+has synced, the run included (fed by kopf's watch of the runs), so a steady-state reconcile
+reads nothing from the apiserver: no GET, no LIST; before
 that (start-up) and without an index (tests, tools), one LIST per kind. Objects outside
 the run's labels are checked with a short-lived cache of positive answers (`Ttl`): a
 PriorityClass, the shared trainer ServiceAccount, a claim named in spec.storage.claimName.
@@ -21,6 +22,7 @@ import time
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from copd_operator.io.informer import RUN_KIND
 from copd_operator.logic.naming import (
     ANNOTATION_RUN_UID,
     BRANCH_PLURAL,
@@ -125,14 +127,16 @@ def _claim_of(pvc: dict | None, uid: str) -> dict | None:
 
 def gather(apis: Apis, namespace: str, name: str, trainer_service_account: str,
            network_policies: bool = True) -> Snapshot | None:
-    try:
-        run = _raw(apis.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, RUN_PLURAL, name)
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-    uid = run["metadata"]["uid"]
     idx = apis.index if apis.index is not None and apis.index.synced() else None
+    run = idx.get(RUN_KIND, namespace, name) if idx is not None else None
+    if run is None:  # not seen by the watch yet (or forgotten after a 409): ask
+        try:
+            run = _raw(apis.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, RUN_PLURAL, name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+    uid = run["metadata"]["uid"]
     if idx is not None:
         def children(kind: str) -> list[dict]:
             return idx.children(kind, namespace, name)

@@ -12,6 +12,9 @@ operator watching every namespace does not stream the cluster's other Pods and J
 stored without `metadata.managedFields` and, for Pods and Jobs, without the pod template/spec the
 reconcile never reads, which keeps the index a few KB per child.
 
+The CoPDRuns themselves are held too (kind CoPDRun), fed by kopf's watch of the runs, so a
+reconcile reads its run from memory as well: no request at all until it writes.
+
 Writes the reconcile makes are folded in at once from the apiserver's answer (`remember`), so the
 next reconcile does not plan a create again before the watch event arrives; a stale read is still
 safe (creates are idempotent, a 409 of our own object is success), merely one request more.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -34,6 +38,7 @@ from copd_operator.logic.naming import BRANCH_PLURAL, GROUP, LABEL_RUN, VERSION
 log = logging.getLogger("copd_operator.informer")
 
 KINDS = ("Branch", "Job", "Pod", "Service", "NetworkPolicy", "PersistentVolumeClaim")
+RUN_KIND = "CoPDRun"  # also held, fed by kopf's watch of the runs (handlers.run_event), not by an informer
 WATCH_TIMEOUT_S = 300  # the server ends each watch after this; the informer resumes from its resourceVersion
 RETRY_S = (0.5, 1, 2, 5, 10)
 
@@ -41,21 +46,45 @@ Obj = dict
 RunKey = tuple[str, str]  # (namespace, run label)
 
 
+POD_STATUS_KEPT = frozenset({"phase", "podIP", "conditions", "containerStatuses", "reason", "message", "startTime"})
+CONTAINER_STATUS_KEPT = frozenset({"name", "state", "lastState", "restartCount"})
+INTERN_MAX = 48  # string values up to this long are interned (states, reasons, label values, names)
+
+
+def compact(o):
+    """A copy with every dict key and every short string value interned: thousands of children repeat
+    the same keys and values, which json.loads otherwise allocates again for every object (per watch
+    event). About halves what a slimmed Pod or Job holds in memory."""
+    if isinstance(o, dict):
+        return {sys.intern(k): compact(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [compact(v) for v in o]
+    if isinstance(o, str) and len(o) <= INTERN_MAX:
+        return sys.intern(o)
+    return o
+
+
 def slim(kind: str, obj: Obj) -> Obj:
-    """What the reconcile reads of a child (observe/plan): metadata without managedFields, status, and the
-    few spec fields it looks at."""
+    """What the reconcile reads of a child (observe/plan): metadata without managedFields, the few spec
+    fields it looks at, and the status (of a Pod: its phase, IP, conditions and what each container's
+    state says, its termination message included), compacted."""
     md = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"}
     out = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind") or kind, "metadata": md}
-    spec = obj.get("spec")
+    spec, status = obj.get("spec"), obj.get("status")
     if kind == "Pod":
         spec = {k: v for k, v in (spec or {}).items() if k in ("nodeName",)}
+        if status is not None:
+            status = {k: v for k, v in status.items() if k in POD_STATUS_KEPT}
+            if "containerStatuses" in status:
+                status["containerStatuses"] = [{k: v for k, v in cs.items() if k in CONTAINER_STATUS_KEPT}
+                                               for cs in status["containerStatuses"] or []]
     elif kind == "Job":
         spec = {k: v for k, v in (spec or {}).items() if k != "template"}
     if spec is not None:
         out["spec"] = spec
-    if "status" in obj:
-        out["status"] = obj["status"]
-    return out
+    if status is not None:
+        out["status"] = status
+    return compact(out)
 
 
 def _rv(obj: Obj) -> int | None:
@@ -70,8 +99,8 @@ class ChildIndex:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._objs: dict[str, dict[tuple[str, str], Obj]] = {k: {} for k in KINDS}
-        self._by_run: dict[str, dict[RunKey, set[str]]] = {k: {} for k in KINDS}
+        self._objs: dict[str, dict[tuple[str, str], Obj]] = {k: {} for k in (*KINDS, RUN_KIND)}
+        self._by_run: dict[str, dict[RunKey, set[str]]] = {k: {} for k in (*KINDS, RUN_KIND)}
         self._expected: set[tuple[str, str | None]] = set()  # (kind, namespace or None) informers
         self._synced: set[tuple[str, str | None]] = set()
 
@@ -140,6 +169,10 @@ class ChildIndex:
             self.upsert(kind, obj)
 
     # -- reads
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        """Drop one object (a run whose status write met a 409: the next reconcile reads it afresh)."""
+        self.remove(kind, {"metadata": {"namespace": namespace, "name": name}})
 
     def children(self, kind: str, namespace: str, run: str) -> list[Obj]:
         with self._lock:

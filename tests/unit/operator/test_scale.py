@@ -6,7 +6,7 @@ import threading
 import pytest
 from copd_operator.control.workqueue import WorkQueue
 from copd_operator.io.apiclient import TokenBucket, aiohttp_counter, classify, instrument
-from copd_operator.io.informer import ChildIndex, slim
+from copd_operator.io.informer import RUN_KIND, ChildIndex, compact, slim
 from copd_operator.logic.cleanup import finished_job_cleanup, jobs_still_read
 from copd_operator.logic.naming import diagnose_job_name, merge_job_name, stage_job_name
 from copd_operator.logic.plan import Patch
@@ -60,6 +60,48 @@ def test_slim_keeps_what_the_reconcile_reads():
                    "status": {"podIP": "1.2.3.4"}}
     job = slim("Job", {"metadata": {"name": "j"}, "spec": {"suspend": True, "template": {"x": 1}}})
     assert job["spec"] == {"suspend": True}
+
+
+def test_slim_pod_status_keeps_phase_ip_conditions_and_container_states_only():
+    report = '{"step": 4, "reward": 0.5, "done": true}'
+    term = {"exitCode": 0, "reason": "Completed", "message": report, "finishedAt": "2026-11-27T17:00:00Z"}
+    raw = {"kind": "Pod", "metadata": {"name": "p", "labels": {"job-name": "j"}},
+           "status": {"phase": "Succeeded", "podIP": "10.0.0.1", "hostIP": "192.168.0.1", "qosClass": "Guaranteed",
+                      "conditions": [{"type": "Ready", "status": "False"}],
+                      "containerStatuses": [{"name": "trainer", "image": "img:1", "imageID": "sha256:x",
+                                             "containerID": "c://1", "restartCount": 0, "ready": False,
+                                             "state": {"terminated": term}, "lastState": {}}]}}
+    st = slim("Pod", raw)["status"]
+    assert st == {"phase": "Succeeded", "podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "False"}],
+                  "containerStatuses": [{"name": "trainer", "restartCount": 0, "state": {"terminated": term},
+                                         "lastState": {}}]}
+    assert st["containerStatuses"][0]["state"]["terminated"]["message"] == report  # the stage report travels
+
+
+def test_compact_interns_keys_and_short_values_and_copies():
+    import json
+    import sys
+
+    a, b = (json.loads('{"status": {"phase": "Succeeded", "message": "%s"}}' % ("x" * 100)) for _ in range(2))
+    ca, cb = compact(a), compact(b)
+    assert ca == a and ca is not a
+    ka, kb = next(iter(ca["status"])), next(iter(cb["status"]))
+    assert ka is kb is sys.intern("phase")  # one key object for every copy
+    assert ca["status"]["phase"] is cb["status"]["phase"]
+    assert ca["status"]["message"] is not cb["status"]["message"]  # long values (reports) are left alone
+
+
+def test_the_run_is_held_next_to_its_children_and_forgotten_on_request():
+    idx = ChildIndex()
+    run = {"apiVersion": "copd.io/v1alpha1", "kind": "CoPDRun", "spec": {"x": 1},
+           "metadata": {"name": "r1", "namespace": "ns", "resourceVersion": "7", "managedFields": [1]}}
+    idx.upsert(RUN_KIND, run)
+    assert idx.get(RUN_KIND, "ns", "r1")["spec"] == {"x": 1}
+    assert "managedFields" not in idx.get(RUN_KIND, "ns", "r1")["metadata"]
+    idx.remember(RUN_KIND, {**run, "metadata": {**run["metadata"], "resourceVersion": "6"}, "spec": {"x": 0}})
+    assert idx.get(RUN_KIND, "ns", "r1")["spec"] == {"x": 1}  # older than what is held: ignored
+    idx.forget(RUN_KIND, "ns", "r1")
+    assert idx.get(RUN_KIND, "ns", "r1") is None
 
 
 # -- requests: verb/resource, limit --------------------------------------------------------------
@@ -242,3 +284,117 @@ def test_finished_jobs_past_the_status_get_a_ttl_once():
     # suspended or blocked in the same stage: the current stage's Jobs are still read when it goes on
     st.phase = Phase.SUSPENDED
     assert now_opd not in {op.name for op in finished_job_cleanup(run, BRANCHES, st, snap, 30)}
+
+
+# -- the run read from the index, not the apiserver ----------------------------------------------
+
+
+class _Custom:
+    """get_namespaced_custom_object answers from `objs` and counts the GETs."""
+
+    def __init__(self, objs):
+        self.objs, self.gets = objs, 0
+
+    def get_namespaced_custom_object(self, group, version, ns, plural, name, _preload_content=True):
+        import json
+        from types import SimpleNamespace
+
+        from kubernetes.client.rest import ApiException
+
+        self.gets += 1
+        if (ns, name) not in self.objs:
+            raise ApiException(status=404, reason="Not Found")
+        return SimpleNamespace(data=json.dumps(self.objs[(ns, name)]).encode())
+
+
+def _apis_with_index(run_objs):
+    from types import SimpleNamespace
+
+    from copd_operator.io.gather import Ttl
+    from copd_operator.io.informer import KINDS
+
+    idx = ChildIndex()
+    for k in KINDS:
+        idx.expect(k, "ns")
+        idx.replace(k, "ns", [])
+    core = SimpleNamespace(read_namespaced_service_account=lambda name, ns, _preload_content=False: None)
+    return SimpleNamespace(index=idx, custom=_Custom(run_objs), core=core, exists_cache=Ttl()), idx
+
+
+def test_gather_reads_the_run_from_the_index_and_asks_only_when_it_is_not_there():
+    from copd_operator.io.gather import gather
+
+    run = {"apiVersion": "copd.io/v1alpha1", "kind": "CoPDRun", "spec": {},
+           "metadata": {"name": "r1", "namespace": "ns", "uid": "u1", "resourceVersion": "3"}}
+    apis, idx = _apis_with_index({("ns", "r1"): run})
+    snap = gather(apis, "ns", "r1", "copd-trainer")
+    assert snap.run["metadata"]["uid"] == "u1" and apis.custom.gets == 1  # not seen by the watch yet: a GET
+    idx.upsert(RUN_KIND, {**run, "metadata": {**run["metadata"], "resourceVersion": "4"}})
+    for _ in range(3):
+        assert gather(apis, "ns", "r1", "copd-trainer").run["metadata"]["resourceVersion"] == "4"
+    assert apis.custom.gets == 1  # from the index: no request
+    idx.remove(RUN_KIND, run)  # deleted (the watch's DELETED): asked again, and gone
+    del apis.custom.objs[("ns", "r1")]
+    assert gather(apis, "ns", "r1", "copd-trainer") is None and apis.custom.gets == 2
+
+
+def test_a_status_write_conflict_forgets_the_held_run_and_a_write_remembers_the_answer(monkeypatch):
+    from types import SimpleNamespace
+
+    from copd_operator import reconcile as rec
+    from kubernetes.client.rest import ApiException
+
+    from copd_core.cycle import RunStatus
+
+    idx = ChildIndex()
+    run = {"apiVersion": "copd.io/v1alpha1", "kind": "CoPDRun", "spec": {}, "status": {},
+           "metadata": {"name": "r1", "namespace": "ns", "uid": "u1", "resourceVersion": "3", "generation": 1}}
+    idx.upsert(RUN_KIND, run)
+    r = rec.Reconciler(SimpleNamespace(index=idx), None, CoPDMetrics())  # type: ignore[arg-type]
+    answer = {**run, "metadata": {**run["metadata"], "resourceVersion": "9"}, "status": {"phase": "Running"}}
+    monkeypatch.setattr(rec, "write_run_status", lambda apis, obj, body: answer)
+    r._write(run, {}, RunStatus(phase=Phase.RUNNING))
+    assert idx.get(RUN_KIND, "ns", "r1")["metadata"]["resourceVersion"] == "9"  # the next reconcile reads it
+
+    def conflict(apis, obj, body):
+        raise ApiException(status=409, reason="Conflict")
+
+    monkeypatch.setattr(rec, "write_run_status", conflict)
+    monkeypatch.setattr(rec, "read_run", lambda apis, ns, name: {**answer, "status": {"phase": "Failed"}})
+    with pytest.raises(rec.Conflict):
+        r._write(answer, {"phase": "Running"}, RunStatus(phase=Phase.SUCCEEDED))
+    assert idx.get(RUN_KIND, "ns", "r1") is None  # the retry reads the run from the apiserver
+
+
+def test_run_events_feed_the_index_and_a_delete_drops_the_run():
+    from types import SimpleNamespace
+
+    from copd_operator import handlers
+    from copd_operator.control.workqueue import WorkQueue
+
+    idx = ChildIndex()
+    queue = WorkQueue()
+    rt = SimpleNamespace(queue=queue, reconciler=SimpleNamespace(apis=SimpleNamespace(index=idx),
+                                                                 metrics=CoPDMetrics(), wrote=lambda *a: False))
+    memo = SimpleNamespace(runtime=rt)
+    raw = {"metadata": {"name": "r1", "namespace": "ns", "resourceVersion": "5"}, "spec": {"a": 1}}
+    handlers.run_event(type="ADDED", name="r1", namespace="ns", body=raw, memo=memo, event={"object": raw})
+    assert idx.get(RUN_KIND, "ns", "r1")["spec"] == {"a": 1} and ("ns", "r1") in queue._prio  # and enqueued
+    handlers.run_event(type="DELETED", name="r1", namespace="ns", body=raw, memo=memo, event={"object": raw})
+    assert idx.get(RUN_KIND, "ns", "r1") is None
+
+
+def test_the_allocator_settings_apply_on_glibc_and_the_trimmer_stops():
+    import platform
+
+    from copd_operator.control import memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert memory.limit_arenas(2) is True
+    assert isinstance(memory.trim(), bool)
+    t = memory.Trimmer(0.01).start()
+    assert t._thread.is_alive()
+    t.stop()
+    t._thread.join(5)
+    assert not t._thread.is_alive()
