@@ -122,8 +122,9 @@ def restrict(spec: CompareSpec, only: list[str]) -> CompareSpec:
 
 def kernels() -> dict:
     """What chose the CPU kernels of this machine's jobs (the numbers are identical only where these are)."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
     return {"mkl_cbwr": os.environ.get("MKL_CBWR", "AUTO"), "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "cpu": model}
 

@@ -221,17 +221,21 @@ class Reconciler:
                     else None
                 if fresh is None or fresh["metadata"].get("generation") != md.get("generation") or \
                         (fresh.get("status") or {}) != old or fresh["metadata"].get("uid") != md.get("uid"):
-                    if getattr(self.apis, "index", None) is not None:  # decide again from what the apiserver has, not the cache
-                        self.apis.index.forget(RUN_KIND, md["namespace"], md["name"])
+                    if self._index is not None:  # decide again from what the apiserver has, not the held copy
+                        self._index.forget(RUN_KIND, md["namespace"], md["name"])
                     raise Conflict(f"{md['namespace']}/{md['name']}") from None
                 obj = {**obj, "metadata": fresh["metadata"]}
         self.metrics.set_status(md["namespace"], md["name"], body)
 
+    @property
+    def _index(self):
+        """The informers' index the reconcile reads its run from (None: tests and tools without one)."""
+        return getattr(self.apis, "index", None)
+
     def _remember_run(self, obj) -> None:
         """The apiserver's answer to our write of the run: the newest copy, for the next reconcile to read."""
-        index = getattr(self.apis, "index", None)
-        if index is not None and isinstance(obj, dict):
-            index.remember(RUN_KIND, obj)
+        if self._index is not None and isinstance(obj, dict):
+            self._index.remember(RUN_KIND, obj)
 
     def _events(self, run: RunRef, actions: list, now: datetime) -> None:
         n = 0

@@ -54,7 +54,7 @@ INTERN_MAX = 48  # string values up to this long are interned (states, reasons, 
 def compact(o):
     """A copy with every dict key and every short string value interned: thousands of children repeat
     the same keys and values, which json.loads otherwise allocates again for every object (per watch
-    event). About halves what a slimmed Pod or Job holds in memory."""
+    event)."""
     if isinstance(o, dict):
         return {sys.intern(k): compact(v) for k, v in o.items()}
     if isinstance(o, list):
@@ -152,6 +152,10 @@ class ChildIndex:
             if old is not None:
                 self._unlink(kind, old)
 
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        """Drop one object (a run whose status write met a 409: the next reconcile reads it afresh)."""
+        self.remove(kind, {"metadata": {"namespace": namespace, "name": name}})
+
     def replace(self, kind: str, namespace: str | None, objs: Iterable[Obj]) -> None:
         """A fresh LIST of one informer's scope (one namespace, or all when None): drop what it lacks."""
         with self._lock:
@@ -169,10 +173,6 @@ class ChildIndex:
             self.upsert(kind, obj)
 
     # -- reads
-
-    def forget(self, kind: str, namespace: str, name: str) -> None:
-        """Drop one object (a run whose status write met a 409: the next reconcile reads it afresh)."""
-        self.remove(kind, {"metadata": {"namespace": namespace, "name": name}})
 
     def children(self, kind: str, namespace: str, run: str) -> list[Obj]:
         with self._lock:
