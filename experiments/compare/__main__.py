@@ -8,17 +8,12 @@ comparison.md. Jobs already on disk under DIR/runs/ are not run again.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-# Before torch loads MKL: its GEMM code path is fixed, not chosen per CPU. MKL's automatic choice
-# depends on the processor model and its caches; on a second AVX-512 machine (another Xeon model)
-# it summed in another order, and CoPD's jobs, which go through more GEMMs than RL alone, diverged
-# after a few hundred steps. Conditional Numerical Reproducibility on the AVX-512 branch gives
-# the same bits on every processor that has it, and the same as the automatic choice here.
-MKL_BRANCH = "AVX512"
-os.environ["MKL_CBWR"] = MKL_BRANCH
+from experiments.compare.kernels import pin
+
+pin()  # before torch loads: MKL's and ATen's kernels fixed, not chosen per CPU (kernels.py)
 
 from experiments.compare.harness import main as run  # noqa: E402
 

@@ -11,7 +11,6 @@ job restarts from scratch). Then `report.py` aggregates and plots.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from copd_runtime.builtin.build import file_sums, weights_sha256
 from copd_runtime.data.datasets import read_jsonl
 from copd_runtime.model_uri import resolve_model_dir
 from experiments.compare.context import Ctx, dataset_spec, write_datasets
+from experiments.compare.kernels import describe
 from experiments.compare.methods import job_list, run_job
 from experiments.compare.pilot import pilot_jobs, run_pilot_one
 from experiments.compare.report import write_report
@@ -108,7 +108,7 @@ def run_comparison(spec: CompareSpec, out: Path, jobs: int = 1, log=print, pilot
                 save(*f.result())
     wall = time.monotonic() - t0
     return write_report(spec, out, base_eval(spec, out), wall_seconds=wall, provenance=base_provenance(spec),
-                        eval_overlap=eval_overlap(spec, storage), kernels=kernels())
+                        eval_overlap=eval_overlap(spec, storage), kernels=describe())
 
 
 def restrict(spec: CompareSpec, only: list[str]) -> CompareSpec:
@@ -118,15 +118,6 @@ def restrict(spec: CompareSpec, only: list[str]) -> CompareSpec:
         raise SystemExit(f"--only: {unknown} are not methods of this spec ({spec.method_names()})")
     return spec.model_copy(update={"methods": [m for m in spec.methods if m in only],
                                    "ratios": [r for r in spec.ratios if ratio_name(r) in only]})
-
-
-def kernels() -> dict:
-    """What chose the CPU kernels of this machine's jobs (the numbers are identical only where these are)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-    return {"mkl_cbwr": os.environ.get("MKL_CBWR", "AUTO"), "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "cpu": model}
 
 
 def base_provenance(spec: CompareSpec) -> dict:

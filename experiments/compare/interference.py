@@ -28,7 +28,12 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
+from experiments.compare.kernels import pin
+
+if __name__ == "__main__":
+    pin()  # before torch loads: the kernels of comparison.json (kernels.py)
+
+import torch  # noqa: E402
 
 from copd_core.spec import RewardSpec, Verifier
 from copd_runtime.builtin.build import weights_sha256

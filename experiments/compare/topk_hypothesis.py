@@ -31,7 +31,12 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
+from experiments.compare.kernels import pin
+
+if __name__ == "__main__":
+    pin()  # before torch loads: the kernels of comparison.json (kernels.py)
+
+import torch  # noqa: E402
 
 from copd_core.seeding import step_seed
 from copd_runtime.rollout import forward_logits, predicts_response_N_L, sample
