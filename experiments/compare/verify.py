@@ -4,8 +4,11 @@
 
 For every method of the reference: its average (the issue's criterion: within --tolerance) and every
 seed's per-domain scores (exact). The base model's sha256 and the base scores must match too: a
-different base makes every other comparison meaningless. Prints one JSON object; exits 1 when a
-method's average differs by more than the tolerance, a method or seed is missing, or the bases differ.
+different base makes every other comparison meaningless. Where the reference was computed with the
+pinned kernels (`kernels.pinned`, experiments/compare/kernels.py) and the rerun was not, that is said
+first: it explains any difference that follows. Prints one JSON object; exits 1 when a method's
+average differs by more than the tolerance, a method or seed is missing, the bases differ, or the
+rerun did not run the reference's pinned kernels.
 """
 
 from __future__ import annotations
@@ -19,6 +22,12 @@ from pathlib import Path
 def compare(got: dict, want: dict, tolerance: float) -> dict:
     """Pure: what differs between a rerun (`got`) and the reference (`want`)."""
     methods, problems = {}, []
+    kernels_ref, kernels_run = want.get("kernels") or {}, got.get("kernels") or {}
+    if kernels_ref.get("pinned") and not kernels_run.get("pinned"):
+        problems.append("the rerun did not run the pinned kernels (experiments/compare/kernels.py): "
+                        f"MKL_CBWR {kernels_run.get('mkl_cbwr')}, ATen {kernels_run.get('aten_cpu_capability')} "
+                        f"on {kernels_run.get('cpu')}; the reference ran MKL_CBWR {kernels_ref.get('mkl_cbwr')}, "
+                        f"ATen {kernels_ref.get('aten_cpu_capability')}")
     if got.get("base_model") != want.get("base_model"):
         problems.append(f"base model differs: {got.get('base_model')} vs {want.get('base_model')}")
     if got.get("base_eval") != want.get("base_eval"):
@@ -39,7 +48,8 @@ def compare(got: dict, want: dict, tolerance: float) -> dict:
             problems.append(f"{name}: seeds {missing} missing from the rerun")
         if abs(diff) > tolerance:
             problems.append(f"{name}: average {run['avg']} vs {ref['avg']} (diff {diff:+.4f} > {tolerance})")
-    return {"methods": methods, "max_abs_diff": max((abs(m["diff"]) for m in methods.values()), default=None),
+    return {"methods": methods, "kernels": {"rerun": kernels_run, "reference": kernels_ref},
+            "max_abs_diff": max((abs(m["diff"]) for m in methods.values()), default=None),
             "all_seeds_exact": all(m["seeds_exact"] == m["seeds"] for m in methods.values()),
             "tolerance": tolerance, "problems": problems, "ok": not problems}
 

@@ -32,3 +32,15 @@ def test_an_average_off_a_missing_method_or_another_base_fail():
     assert any("copd: average" in p for p in res["problems"])
     assert any("mixed_rlvr: missing" in p for p in res["problems"])
     assert any("base model differs" in p for p in res["problems"])
+
+
+def test_a_rerun_without_the_pinned_kernels_says_so_first():
+    ref = copy.deepcopy(REF)
+    ref["kernels"] = {"mkl_cbwr": "COMPATIBLE", "aten_cpu_capability": "AVX2", "pinned": True}
+    got = copy.deepcopy(REF)
+    got["kernels"] = {"mkl_cbwr": "AUTO", "aten_cpu_capability": "AVX512", "cpu": "x", "pinned": False}
+    res = compare(got, ref, 0.005)
+    assert not res["ok"] and "did not run the pinned kernels" in res["problems"][0]
+    assert "AVX512" in res["problems"][0]
+    got["kernels"] = dict(ref["kernels"], cpu="another CPU")
+    assert compare(got, ref, 0.005)["ok"]
