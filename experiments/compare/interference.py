@@ -28,7 +28,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from experiments.compare.kernels import pin
+from experiments.compare.kernels import describe, pin
 
 if __name__ == "__main__":
     pin()  # before torch loads: the kernels of comparison.json (kernels.py)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     policy = load_policy(resolve_model_dir("builtin://tiny-qwen3", out / "storage"))
     policy.model.train()
     doc = {"base_model": {"uri": "builtin://tiny-qwen3", "sha256": weights_sha256("tiny-qwen3")},
-           "batches": args.batches, "batch": args.batch,
+           "batches": args.batches, "batch": args.batch, "kernels": describe(),
            "separable": measure(policy, list(SEPARABLE), args.batches, args.batch),
            "conflicting": measure(policy, list(CONFLICTING), args.batches, args.batch)}
     for bench, doms in (("separable", list(SEPARABLE)), ("conflicting", list(CONFLICTING))):

@@ -31,7 +31,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from experiments.compare.kernels import pin
+from experiments.compare.kernels import describe, pin
 
 if __name__ == "__main__":
     pin()  # before torch loads: the kernels of comparison.json (kernels.py)
@@ -135,7 +135,7 @@ def run(spec: CompareSpec, out: Path, steps: list[int], seeds: list[int]) -> dic
                                "tokens_above_floor", "missed_mass")}
             summary.append({"kind": kind, "rl_steps": n, "pairs": len(rs), **agg, "verdict": verdict(agg, k)})
     doc = {"k": k, "floor": FLOOR, "top_p": TOP_P, "base_model": s.base_model, "seeds": seeds, "steps": steps,
-           "rows": rows, "summary": summary}
+           "rows": rows, "summary": summary, "kernels": describe()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "topk_hypothesis.json").write_text(json.dumps(doc, indent=2))
     return doc
