@@ -75,6 +75,12 @@ class Counters:
         return f"c{self.cycle:03d}-{self.stage}-s{self.step:05d}"
 
 
+class StorageAhead(RuntimeError):
+    """A branch's storage holds a checkpoint from after the stage it is asked to run: the storage went
+    further than this run's status (another run's, or another process writing into it). Running the
+    stage would not help: its checkpoint would never be the newest, so the run would repeat the stage."""
+
+
 def branch_dir(storage: Path, branch: str) -> Path:
     return storage / "branches" / branch
 

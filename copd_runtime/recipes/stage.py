@@ -21,7 +21,9 @@ from copd_core.cycle import Stage, steps_of
 from copd_core.seeding import step_seed
 from copd_core.spec import CoPDRunSpec, RolloutEngine
 from copd_runtime.checkpoint import (
+    STAGE_ORDER,
     Counters,
+    StorageAhead,
     fit_warning_for,
     latest_checkpoint,
     load_optimizer_and_rng,
@@ -101,6 +103,11 @@ def run_branch_stage(
     skipped: list[str] = []  # damaged checkpoints moved aside (checkpoint.latest_checkpoint)
     latest = latest_checkpoint(storage, branch, skipped=skipped)
     here = (cycle, stage.value)
+    if latest and latest[0].key()[:2] > (cycle, STAGE_ORDER[stage.value]):
+        raise StorageAhead(f"branch {branch}: its storage {latest[1].parent} holds checkpoint {latest[1].name}, "
+                           f"from after the stage this run is at (cycle {cycle} {stage.value}): the storage went "
+                           "further than the run (another run's storage, or another process writing to it); "
+                           "give the run its own storage, or remove that branch's checkpoints")
     if latest and (latest[0].cycle, latest[0].stage) == here:
         start_dir, start_step = latest[1], latest[0].step
     else:

@@ -10,7 +10,11 @@ job restarts from scratch). Then `report.py` aggregates and plots.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +37,18 @@ def _worker_init(spec_json: str, storage: str, threads: int) -> None:
     global _CTX
     torch.set_num_threads(threads)
     _CTX = Ctx(CompareSpec.model_validate_json(spec_json), Path(storage))
+
+
+def _pool_worker_init(harness_pid: int, spec_json: str, storage: str, threads: int) -> None:
+    """A pool worker ends with the harness: killed, it would otherwise run the jobs already in its queue
+    into storage directories the next invocation starts the same jobs in. Linux: PR_SET_PDEATHSIG, with
+    SIGKILL (a job's runner stops gracefully on SIGTERM; an unfinished job restarts from scratch anyway);
+    a harness that died while this worker was still starting is no longer its parent."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != harness_pid:
+        os._exit(1)
+    _worker_init(spec_json, storage, threads)
 
 
 def _worker_run(kind: str, args: tuple) -> tuple[str, tuple, dict, float]:
@@ -101,8 +117,8 @@ def run_comparison(spec: CompareSpec, out: Path, jobs: int = 1, log=print, pilot
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                 initargs=(spec_json, str(storage), threads)) as ex:
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_pool_worker_init,
+                                 initargs=(os.getpid(), spec_json, str(storage), threads)) as ex:
             futs = [ex.submit(_worker_run, kind, args) for kind, args in todo]
             for f in as_completed(futs):
                 save(*f.result())

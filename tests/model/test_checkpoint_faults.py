@@ -121,3 +121,20 @@ def test_storage_full_while_checkpointing_keeps_the_previous_checkpoint_and_repo
     assert "storage full:" in out["stderr"] and "Traceback" not in out["stderr"]
     assert out["newest"] == "c001-RL-s00002" and out["intact"]
     assert not [n for n in out["left"] if n.startswith(".tmp")], out["left"]  # no partial directory
+
+
+def test_a_storage_that_went_further_than_the_run_is_refused_not_rerun(tmp_path):
+    """A checkpoint from a later stage (another run's storage, or a second writer) would never be the
+    newest after this stage ran again, and a runner reading progress from it would repeat the stage
+    forever: the stage refuses, naming the checkpoint and the way out."""
+    spec = parse_manifest(_doc(rl=2)).spec
+    run_branch_stage(spec, tmp_path, "arith", 1, Stage.RL)
+    (_, ahead), = ck.list_checkpoints(tmp_path, "arith")
+    shutil.copytree(ahead, ahead.with_name("c002-RL-s00002"))
+    later = ahead.with_name("c002-RL-s00002")
+    state = json.loads((later / "state.json").read_text())
+    (later / "state.json").write_text(json.dumps({**state, "cycle": 2}))
+    ck.write_manifest(later)
+    with pytest.raises(ck.StorageAhead, match=r"holds checkpoint c002-RL-s00002, from after the stage this run is at \(cycle 1 RL\)"):
+        run_branch_stage(spec, tmp_path, "arith", 1, Stage.RL)
+    assert run_branch_stage(spec, tmp_path, "arith", 2, Stage.RL)["done"]  # the stage it is at runs as before
