@@ -45,11 +45,11 @@ gpu-pins:         ## `pip install ".[gpu]"` (vllm) resolves for the CUDA image's
 builtin-models:   ## rebuild the shipped builtin base models + their SHA256SUMS.json (copd_runtime/builtin/weights)
 	.venv/bin/python -m copd_runtime.builtin.build
 
-compare:          ## the science comparison, both benchmarks (docs/science.md; ~21 min on 2 idle cores)
+compare:          ## the science comparison, both benchmarks (docs/science.md; ~30 min on 2 cores)
 	.venv/bin/python -m experiments.compare examples/compare.yaml --output runs/compare --jobs 2
 	.venv/bin/python -m experiments.compare examples/compare-conflicting.yaml --output runs/compare/conflicting --jobs 2
 
-compare-verify:   ## rerun both benchmarks and check them against docs/science (WORKERS=nproc; ~21 min on 2 cores)
+compare-verify:   ## rerun both benchmarks and check them against docs/science (WORKERS=nproc; ~30 min on 2 cores, ~8 on 16)
 	scripts/compare-verify.sh runs/compare-verify $(WORKERS)
 
 observe-demo:     ## Prometheus + Alertmanager fire CoPDTopKOverlapCollapse for a diverging run (README "Observe")

@@ -4,7 +4,8 @@
 
 Between `<!-- include: PATH -->` and `<!-- end include -->` the document holds the file PATH (relative
 to the repository root, e.g. docs/science/conflicting/comparison.md, as `make compare` wrote it), its
-headings moved down by `demote` levels (`<!-- include: PATH demote=2 -->`). Without --check the
+headings moved down by `demote` levels (`<!-- include: PATH demote=2 -->`) and its relative links made
+relative to the document (`](scores.png)` → `](science/scores.png)`). Without --check the
 blocks are rewritten in place; with --check nothing is written and the exit status is 1 when a block
 differs from its file (the test suite runs the check).
 """
@@ -12,6 +13,7 @@ differs from its file (the test suite runs the check).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -25,13 +27,20 @@ def _demoted(text: str, levels: int) -> str:
     return re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + levels) + " ", text, flags=re.M)
 
 
-def render(doc: str, root: Path = ROOT) -> str:
-    """The document with every include block holding its file's current text."""
+def _rebased(text: str, prefix: str) -> str:
+    """Relative link targets of an included file, seen from the including document."""
+    return re.sub(r"\]\((?![a-z]+:|/|#)([^)]+)\)", lambda m: f"]({prefix}{m.group(1)})", text) if prefix else text
+
+
+def render(doc: str, root: Path = ROOT, doc_dir: str = "docs") -> str:
+    """The document (in `doc_dir`, relative to `root`) with every include block holding its file's text."""
     def fill(m: re.Match) -> str:
         path = root / m.group("path")
         if not path.is_file():
             raise FileNotFoundError(f"docs/science.md includes {m.group('path')}, which does not exist")
-        body = _demoted(path.read_text().strip("\n"), int(m.group("demote") or 0))
+        rel = os.path.relpath(path.parent, root / doc_dir)
+        body = _rebased(path.read_text().strip("\n"), "" if rel == "." else rel + "/")
+        body = _demoted(body, int(m.group("demote") or 0))
         return f"{m.group(1)}{body}\n{m.group(5)}"
 
     return BLOCK.sub(fill, doc)
