@@ -279,6 +279,13 @@ def stage(
             raise typer.Exit(2) from None
         if isinstance(e, EngineUnavailable):  # vllm failed to import or is another version
             _engine_failed(str(e), report_file)
+        from copd_runtime.checkpoint import StorageAhead
+
+        if isinstance(e, StorageAhead):  # a retry meets the same checkpoints: a reason, and an exit that fails the Job
+            _report({"branch": branch, "cycle": cycle, "stage": stage, "failed": True, "reason": "StorageAhead",
+                     "message": str(e)[:1000]}, report_file, quiet=True)
+            typer.secho(f"storage ahead of the run: {e}", fg="red", err=True)
+            raise typer.Exit(2) from None
         if no_space(e):  # retrying fills the same volume again: a reason, and an exit code that fails the Job
             _report({"branch": branch, "cycle": cycle, "stage": stage, "failed": True, "reason": "StorageFull",
                      "message": str(e)[:1000]}, report_file, quiet=True)

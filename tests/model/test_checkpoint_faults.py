@@ -138,3 +138,15 @@ def test_a_storage_that_went_further_than_the_run_is_refused_not_rerun(tmp_path)
     with pytest.raises(ck.StorageAhead, match=r"holds checkpoint c002-RL-s00002, from after the stage this run is at \(cycle 1 RL\)"):
         run_branch_stage(spec, tmp_path, "arith", 1, Stage.RL)
     assert run_branch_stage(spec, tmp_path, "arith", 2, Stage.RL)["done"]  # the stage it is at runs as before
+
+    # `copd stage` (a trainer pod): a reason and exit 2, so the Job fails at once (podFailurePolicy) and
+    # the operator fails the branch instead of retrying into the same checkpoints
+    manifest, report = tmp_path / "m.yaml", tmp_path / "report.json"
+    manifest.write_text(yaml.safe_dump(_doc(rl=2)))
+    p = subprocess.run([sys.executable, "-m", "copd_runtime.cli", "stage", "--manifest", str(manifest), "--storage",
+                        str(tmp_path), "--branch", "arith", "--cycle", "1", "--stage", "RL", "--report-file", str(report)],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    rep = json.loads(report.read_text())
+    assert rep["failed"] and rep["reason"] == "StorageAhead" and "c002-RL-s00002" in rep["message"], rep
+    assert "storage ahead of the run" in p.stderr and "Traceback" not in p.stderr
