@@ -147,10 +147,16 @@ def run(
 
         start_http_server(metrics_port, registry=metrics.registry)
     t0 = time.monotonic()
-    with Progress(m.metadata.name, [b.name for b in m.spec.branches], live=live) as progress:
-        lr = LocalRun(m, output, on_event=progress.event, on_step=progress.step, metrics=metrics,
-                      checkpoint_every=checkpoint_every)
-        status = lr.run()
+    from copd_runtime.checkpoint import StorageAhead
+
+    try:
+        with Progress(m.metadata.name, [b.name for b in m.spec.branches], live=live) as progress:
+            lr = LocalRun(m, output, on_event=progress.event, on_step=progress.step, metrics=metrics,
+                          checkpoint_every=checkpoint_every)
+            status = lr.run()
+    except StorageAhead as e:  # another run's output directory, or a second writer: not this run's to repeat
+        typer.secho(f"storage ahead of the run: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
     summary = lr.summary(status)
     summary["wall_seconds"] = round(time.monotonic() - t0, 1)
     (lr.out / "summary.json").write_text(json.dumps(summary, indent=2))

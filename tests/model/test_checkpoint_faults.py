@@ -150,3 +150,10 @@ def test_a_storage_that_went_further_than_the_run_is_refused_not_rerun(tmp_path)
     rep = json.loads(report.read_text())
     assert rep["failed"] and rep["reason"] == "StorageAhead" and "c002-RL-s00002" in rep["message"], rep
     assert "storage ahead of the run" in p.stderr and "Traceback" not in p.stderr
+
+    # `copd run` (one machine) stops with the message, no traceback, and does not loop
+    p = subprocess.run([sys.executable, "-m", "copd_runtime.cli", "run", str(manifest), "--output", str(tmp_path),
+                        "--no-live"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert p.returncode == 2, (p.stdout[-2000:], p.stderr[-2000:])
+    assert "storage ahead of the run" in p.stderr and "c002-RL-s00002" in p.stderr and "Traceback" not in p.stderr
