@@ -44,10 +44,8 @@ def pin() -> None:
     os.environ.update(PIN)
 
 
-def describe() -> dict:
-    """What chose this process's CPU kernels: the numbers agree to the digit only where `pinned` is true."""
-    import torch
-
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (`model name`, `vendor_id`, `flags`, ...); {} elsewhere."""
     fields = {}
     cpuinfo = Path("/proc/cpuinfo")
     for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
@@ -55,6 +53,14 @@ def describe() -> dict:
             break
         k, _, v = line.partition(":")
         fields[k.strip()] = v.strip()
+    return fields
+
+
+def describe() -> dict:
+    """What chose this process's CPU kernels: the numbers agree to the digit only where `pinned` is true."""
+    import torch
+
+    fields = cpu_info()
     capability = torch.backends.cpu.get_cpu_capability()
     mkl = os.environ.get("MKL_CBWR", "AUTO")
     return {"mkl_cbwr": mkl, "aten_cpu_capability": capability, "torch": torch.__version__,

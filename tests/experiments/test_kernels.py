@@ -13,16 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from experiments.compare.kernels import cpu_info
+
 ROOT = Path(__file__).resolve().parents[2]
 # MKL as on other processors: its own choice here, an AVX2-only Intel, an SSE4.2-only Intel
 DISPATCH = [{}, {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}, {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}]
 
 
 def _flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    return set(cpu_info().get("flags", "").split())
 
 
 def _run(code_or_module: list[str], env: dict) -> str:
@@ -52,7 +51,7 @@ def test_pinned_fingerprint_is_the_same_whatever_mkl_dispatches_to():
         assert json.loads((ROOT / ref).read_text())["kernels"]["fingerprint"] == got[0]["fingerprint"], ref
 
 
-@pytest.mark.skipif(not ({"avx512f"} <= _flags() and "GenuineIntel" in Path("/proc/cpuinfo").read_text()),
+@pytest.mark.skipif(not ({"avx512f"} <= _flags() and cpu_info().get("vendor_id") == "GenuineIntel"),
                     reason="the control needs an Intel CPU with AVX-512 (MKL then dispatches differently when restricted)")
 def test_control_unpinned_the_dispatch_changes_the_bits():
     code = ["-c", "import torch; from experiments.compare.kernels import fingerprint; print(fingerprint())"]

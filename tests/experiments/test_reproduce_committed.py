@@ -22,14 +22,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from experiments.compare.kernels import cpu_info
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    return set(cpu_info().get("flags", "").split())
 
 
 AVX2_ONLY = {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}
